@@ -1,0 +1,41 @@
+# cicc.cloud — every entry point a person or CI needs. Each target sets up what it uses (scripts/setup.sh
+# is idempotent), so `make demo` and `make test` work on a fresh Debian/Ubuntu machine.
+SHELL := /bin/bash
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test unit lint sanity bench cloud-start cloud-stop cloud-status clean
+
+setup:
+	@scripts/setup.sh
+
+cloud-start: setup
+	@scripts/emulator.sh start
+
+cloud-stop:
+	@scripts/emulator.sh stop
+
+cloud-status:
+	@scripts/emulator.sh status; scripts/docker-engine.sh status
+
+demo: cloud-start
+	@scripts/demo.sh
+
+unit: setup
+	python -m pytest tests $(PYTEST_ARGS)
+
+lint: setup
+	ansible-lint --offline --profile production
+
+sanity: setup
+	@scripts/sanity.sh
+
+test: unit lint sanity
+
+bench: cloud-start
+	python bench/run_all.py
+
+clean: cloud-stop
+	rm -rf .build

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Benchmark of container/process.py (not a test): XOR speed against a memory copy, and peak memory.
+
+For each size it prints
+- the throughput of ``xor_with_kernel`` (in place, 1,000-byte kernel) and of ``np.copyto`` of a
+  buffer of the same size, measured side by side in this run (best of several repeats), and their
+  ratio (target >= 0.9: the XOR runs at about memory bandwidth);
+- the peak resident memory of a full ``process.py`` run in a fresh interpreter, raw and net of the
+  baseline of ``python -c "import numpy"`` measured the same way, as a multiple of the input size
+  (target <= 2.2).
+
+Usage: bench/bench_xor.py [--sizes 2MB,256MB] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "container" / "process.py"
+KERNEL_BYTES = 1000
+XOR_TARGET = 0.9
+MEMORY_TARGET = 2.2
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _load_process() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("cicc_container_process", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.dont_write_bytecode = True  # container/ is the image's build context
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 2MB, 256MB, 1GiB or 4096")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [parse_size(part) for part in text.split(",") if part.strip()]
+
+
+def _best_seconds(action: Callable[[], object], calls: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            action()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def measure_throughput(xor: Callable, size: int, repeats: int) -> tuple[float, float]:
+    """Best XOR and copy throughputs in bytes/s, timed alternately so both see the same machine state."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, size, dtype=np.uint8)
+    source = data.copy()
+    target = np.empty_like(data)
+    kernel = rng.integers(0, 256, KERNEL_BYTES, dtype=np.uint8)
+    # Small buffers are timed in batches so the timer's resolution does not count.
+    calls = max(1, 200_000_000 // max(size, 1))
+    xor_best = copy_best = float("inf")
+    for _ in range(repeats):
+        xor_best = min(xor_best, _best_seconds(lambda: xor(data, kernel), calls, 1))
+        copy_best = min(copy_best, _best_seconds(lambda: np.copyto(target, source), calls, 1))
+    return size / xor_best, size / copy_best
+
+
+def _peak_rss(argv: list[str]) -> int:
+    """Peak resident set of one child process, in bytes (Linux reports ru_maxrss in KiB)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed with {proc.returncode}: {proc.stderr.read().decode().strip()}")
+    proc.stderr.close()
+    return usage.ru_maxrss * 1024
+
+
+def measure_memory(size: int, work: Path) -> tuple[int, int]:
+    """(peak RSS of a full process.py run on ``size`` bytes, peak RSS of ``python -c 'import numpy'``)."""
+    rng = np.random.default_rng(2)
+    rng.integers(0, 256, size, dtype=np.uint8).tofile(work / "in.dat")
+    rng.integers(0, 256, KERNEL_BYTES, dtype=np.uint8).tofile(work / "kernel.dat")
+    python = [sys.executable, "-B"]
+    run = python + [str(SCRIPT), "--data", str(work), "--input", "in.dat", "--kernel", "kernel.dat"]
+    run += ["--output", "out.dat"]
+    try:
+        return _peak_rss(run), _peak_rss(python + ["-c", "import numpy"])
+    finally:
+        for name in ("in.dat", "kernel.dat", "out.dat"):
+            (work / name).unlink(missing_ok=True)
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:g} {unit}"
+    return f"{size} B"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("2MB,256MB"), help="e.g. 2MB,256MB")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats per measurement; the best counts")
+    args = parser.parse_args(argv)
+    xor = _load_process().xor_with_kernel
+
+    print(
+        f"process.py XOR vs numpy copy (kernel {KERNEL_BYTES} bytes, best of {args.repeats}); python {sys.version.split()[0]}, numpy {np.__version__}"
+    )
+    header = (
+        f"{'size':>9} | {'xor GB/s':>8} | {'copy GB/s':>9} | {'xor/copy':>8} | "
+        f"{'peak RSS':>9} | {'baseline':>9} | {'raw x in':>8} | {'net x in':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="cicc-bench-") as tmp:
+        for size in args.sizes:
+            xor_rate, copy_rate = measure_throughput(xor, size, args.repeats)
+            peak, baseline = measure_memory(size, Path(tmp))
+            ratio = xor_rate / copy_rate
+            raw, net = peak / size, (peak - baseline) / size
+            ok &= ratio >= XOR_TARGET and net <= MEMORY_TARGET
+            print(
+                f"{_human(size):>9} | {xor_rate / 1e9:8.2f} | {copy_rate / 1e9:9.2f} | {ratio:8.2f} | "
+                f"{peak / 2**20:6.1f} MiB | {baseline / 2**20:5.1f} MiB | {raw:8.2f} | {net:8.2f}"
+            )
+    print(
+        f"targets: xor/copy >= {XOR_TARGET}, net peak memory <= {MEMORY_TARGET} x input -> {'met' if ok else 'NOT met'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,675 @@
+# -*- coding: utf-8 -*-
+# Copyright: cicc.cloud contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The task-claim protocol of cicc.cloud: a work queue kept in S3, with leases.
+
+One implementation, three callers: the modules (task_claim, task_complete, task_release,
+task_info), the boot worker on each instance, and the tests. It imports only the standard
+library and boto3's exceptions, never Ansible.
+
+Keys, all under the queue prefix P:
+
+  P<name>                     an input; P<output_name(name)> its output
+  P tasklist.txt              names still to do, one per line (people edit it)
+  P completed.txt             names done           } rewritten only by compact(),
+  P failed.txt                names given up on    } from the journal below
+  P rejected.txt              tasklist lines that are not task names, with the reason
+  P locks/<name>              the lease: a tiny JSON body (owner, token, attempts, lease length)
+  P journal/<state>/<name>    a finished task not yet merged into the lists (state: completed|failed)
+  P failed/<name>.json        the failed record: reason and attempts, kept for good
+
+Why it holds (RELIABILITY.md):
+- claim is PutObject If-None-Match:* on the lock: exactly one writer wins. A lock whose lease
+  expired by S3's clock (LastModified against the response Date) is taken over with If-Match
+  on its ETag, so only one of several takers wins that too.
+- renew and release use If-Match on the holder's own ETag: a worker that lost its lease learns
+  it at once and can neither extend nor delete the new owner's lock.
+- the output is written before the task is journaled, and with If-None-Match:*, so it is never
+  overwritten; a task whose output exists is finished, not recomputed.
+- each finish writes one small journal key; compact() folds the journal into the lists in
+  batches with If-Match on every list, re-reading on conflict. The lists cost O(1) writes per
+  batch instead of two full rewrites per task, and once the queue is drained they are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+
+try:
+    from botocore.exceptions import ClientError
+except ImportError:  # pragma: no cover - the callers check for boto3 and say what to install
+    ClientError = None
+
+TASKLIST = "tasklist.txt"
+COMPLETED = "completed.txt"
+FAILED = "failed.txt"
+REJECTED = "rejected.txt"
+LIST_NAMES = (TASKLIST, COMPLETED, FAILED, REJECTED)
+
+MAX_NAME_BYTES = 200
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_PRECONDITION = ("PreconditionFailed", "412")
+_CONFLICT = ("ConditionalRequestConflict", "409", "OperationAborted")
+_MISSING = ("NoSuchKey", "404", "NotFound")
+_DENIED = ("AccessDenied", "403")
+
+
+class QueueError(Exception):
+    """A queue operation could not be carried out."""
+
+
+class ClaimConflict(QueueError):
+    """Another worker holds a live lease on the task."""
+
+
+class LeaseLost(QueueError):
+    """The lease expired and another worker took the task over (or it was released)."""
+
+
+class TaskFinished(QueueError):
+    """The task needs no work: it is completed or recorded failed. ``state`` says which."""
+
+    def __init__(self, name: str, state: str) -> None:
+        super().__init__(f"task {name} is already {state}")
+        self.name = name
+        self.state = state
+
+
+class BadInput(QueueError):
+    """The task's input cannot be processed (missing, denied, too large): retrying won't help."""
+
+
+class BadTaskName(QueueError):
+    """A tasklist entry that cannot be a task name; it is never turned into a key or path."""
+
+
+@dataclass(frozen=True)
+class Queue:
+    """Where a queue lives and its rules."""
+
+    bucket: str
+    prefix: str = ""
+    lease_seconds: int = 120
+    max_attempts: int = 3
+    kernel: str = "kernel.dat"
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def lock_key(self, name: str) -> str:
+        return f"{self.prefix}locks/{name}"
+
+    def journal_key(self, state: str, name: str) -> str:
+        return f"{self.prefix}journal/{state}/{name}"
+
+    def failed_key(self, name: str) -> str:
+        return f"{self.prefix}failed/{name}.json"
+
+    def output_key(self, name: str) -> str:
+        return self.prefix + output_name(name)
+
+
+@dataclass
+class Lease:
+    """A claim held by ``owner``; ``etag`` is the lock's current ETag, the proof of ownership."""
+
+    name: str
+    owner: str
+    token: str
+    etag: str
+    attempts: int
+    instance_id: str = ""
+    lease_seconds: int = 120
+    last_error: str = ""
+    renewed_at: float = field(default_factory=time.monotonic, compare=False)
+    # The heartbeat thread and the publishing thread both renew: one at a time, or the second
+    # would be refused by the first one's new ETag and mistake it for a lost lease.
+    guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def as_dict(self) -> dict:
+        keys = ("name", "owner", "token", "etag", "attempts", "instance_id", "lease_seconds", "last_error")
+        return {key: getattr(self, key) for key in keys}
+
+    def body(self) -> bytes:
+        """The lock's content: small on purpose (conditional writes are atomic for small bodies)."""
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "token": self.token,
+                "instance_id": self.instance_id,
+                "attempts": self.attempts,
+                "lease_seconds": self.lease_seconds,
+                "last_error": self.last_error[:300],
+                "written_at": time.time(),
+            },
+            sort_keys=True,
+        ).encode()
+
+
+# --- names and lists ------------------------------------------------------------------------------
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a task name, or None when it can.
+
+    Names are plain object names inside the queue prefix: no folders, no dots or dashes first,
+    so a name can never become a key or a local path outside the work area.
+    """
+    if not name:
+        return "empty name"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"longer than {MAX_NAME_BYTES} bytes"
+    if "/" in name or "\\" in name:
+        return "contains a path separator; task names are plain object names in the queue prefix"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "contains a control character"
+    if name in LIST_NAMES:
+        return "is the name of a queue list"
+    if not _NAME_RE.fullmatch(name):
+        return "may hold only letters, digits and . _ + - and must start with a letter or digit"
+    return None
+
+
+def check_name(name: str) -> str:
+    problem = name_problem(name)
+    if problem:
+        raise BadTaskName(f"task name {name!r} rejected: {problem}")
+    return name
+
+
+def output_name(name: str) -> str:
+    """The seed's naming: in3.dat -> out3.dat; a name not starting with 'in' gets 'out_' in front."""
+    return "out" + name[2:] if name.startswith("in") and len(name) > 2 else "out_" + name
+
+
+@dataclass
+class TaskList:
+    """A parsed tasklist: the names in order (first occurrence), and the lines that are not names."""
+
+    names: list[str]
+    rejected: list[tuple[str, str]]
+    comments: list[str]
+
+
+def parse_tasklist(raw: bytes) -> TaskList:
+    """Read a tasklist as people write it: BOM, CRLF, trailing spaces, blank lines, # comments,
+    duplicates and a missing final newline are all fine; lines that are not task names are
+    returned in ``rejected`` with the reason, never dropped silently."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    names: list[str] = []
+    seen: set[str] = set()
+    rejected: list[tuple[str, str]] = []
+    comments: list[str] = []
+    for raw_line in raw.split(b"\n"):
+        try:
+            line = raw_line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            rejected.append((raw_line.decode("utf-8", "backslashreplace").strip(), "not UTF-8"))
+            continue
+        if not line:
+            continue
+        if line.startswith("#"):
+            comments.append(line)
+            continue
+        problem = name_problem(line)
+        if problem:
+            rejected.append((line, problem))
+        elif line not in seen:
+            seen.add(line)
+            names.append(line)
+    return TaskList(names, rejected, comments)
+
+
+def _lines(names) -> bytes:
+    return "".join(f"{name}\n" for name in names).encode()
+
+
+# --- S3 calls -------------------------------------------------------------------------------------
+
+
+def _code(error: Exception) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _is(error: Exception, codes: tuple[str, ...]) -> bool:
+    return ClientError is not None and isinstance(error, ClientError) and _code(error) in codes
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.5))
+
+
+def _put(client, bucket: str, key: str, body: bytes, **conditions) -> str:
+    """PutObject that retries S3's 409 (a concurrent conditional write) and returns the new ETag."""
+    for attempt in range(8):
+        if hasattr(body, "seek"):
+            body.seek(0)
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=body, **conditions)["ETag"]
+        except Exception as error:  # noqa: BLE001 - filtered by _is
+            if not _is(error, _CONFLICT) or attempt == 7:
+                raise
+            _backoff(attempt)
+    raise AssertionError("unreachable")
+
+
+def _get(client, bucket: str, key: str) -> tuple[bytes, str, dict] | None:
+    """(body, etag, response) of an object, or None when it does not exist."""
+    try:
+        response = client.get_object(Bucket=bucket, Key=key)
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _MISSING):
+            return None
+        raise
+    return response["Body"].read(), response["ETag"], response
+
+
+def _exists(client, bucket: str, key: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _MISSING):
+            return False
+        raise
+    return True
+
+
+def _list_keys(client, bucket: str, prefix: str) -> list[str]:
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    return keys
+
+
+def _lease_age(response: dict) -> float:
+    """Seconds since the lock was last written, by S3's clock (never the worker's)."""
+    server_now = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+    return (server_now - response["LastModified"]).total_seconds()
+
+
+# --- the protocol ---------------------------------------------------------------------------------
+
+
+def read_tasklist(client, queue: Queue) -> TaskList:
+    found = _get(client, queue.bucket, queue.key(TASKLIST))
+    return parse_tasklist(found[0] if found else b"")
+
+
+def claim(
+    client, queue: Queue, name: str, owner: str, instance_id: str = "", take_over: bool = True, token: str = ""
+) -> Lease:
+    """Claim ``name`` for ``owner``.
+
+    Raises ClaimConflict while another owner's lease is live (or whenever the lock exists, with
+    take_over=False: one request per busy task for a worker scanning for free ones), and
+    TaskFinished when the task needs no work. Passing the ``token`` of an earlier attempt whose
+    reply was lost finds that claim again instead of failing against one's own lock.
+    """
+    check_name(name)
+    lease = Lease(name, owner, token or uuid.uuid4().hex, "", 1, instance_id, queue.lease_seconds)
+    for _ in range(3):
+        try:
+            lease.etag = _put(client, queue.bucket, queue.lock_key(name), lease.body(), IfNoneMatch="*")
+            break
+        except Exception as error:  # noqa: BLE001
+            if not _is(error, _PRECONDITION):
+                raise
+        if not take_over:
+            raise ClaimConflict(f"task {name} is locked")
+        found = _get(client, queue.bucket, queue.lock_key(name))
+        if found is not None:
+            _take_over(client, queue, lease, *found)
+            break
+        # The lock was deleted between our two calls: try a fresh claim again.
+    else:
+        raise ClaimConflict(f"task {name} keeps changing hands")
+    lease.renewed_at = time.monotonic()
+    _check_unfinished(client, queue, lease)
+    return lease
+
+
+def _take_over(client, queue: Queue, lease: Lease, body: bytes, etag: str, response: dict) -> None:
+    held = json.loads(body)
+    if held.get("token") == lease.token:  # our own claim whose reply was lost: refresh it
+        lease.etag, lease.attempts = etag, held.get("attempts", 1)
+        try:
+            renew(client, queue, lease)
+        except LeaseLost as error:
+            raise ClaimConflict(str(error)) from error
+        return
+    age = _lease_age(response)
+    if age < held.get("lease_seconds", queue.lease_seconds):
+        raise ClaimConflict(f"task {lease.name} is held by {held.get('owner')} (lease {age:.0f} s old)")
+    lease.attempts = held.get("attempts", 0) + 1
+    lease.last_error = held.get("last_error") or f"lease of {held.get('owner')} expired"
+    if lease.attempts > queue.max_attempts:
+        lease.etag, lease.attempts = etag, lease.attempts - 1
+        _record_failed(client, queue, lease, f"gave up after {lease.attempts} attempts: {lease.last_error}")
+        raise TaskFinished(lease.name, "failed")
+    try:
+        lease.etag = _put(client, queue.bucket, queue.lock_key(lease.name), lease.body(), IfMatch=etag)
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _PRECONDITION + _MISSING):
+            raise ClaimConflict(f"task {lease.name} was taken over by another worker first") from error
+        raise
+
+
+def _check_unfinished(client, queue: Queue, lease: Lease) -> None:
+    """Under the lock, make sure the task still needs work; a finished one is journaled and let go."""
+    if _exists(client, queue.bucket, queue.output_key(lease.name)):
+        # Output published but maybe never journaled (its worker died): finish it, don't recompute.
+        _put(client, queue.bucket, queue.journal_key("completed", lease.name), b"")
+        _delete_lock(client, queue, lease)
+        raise TaskFinished(lease.name, "completed")
+    if _exists(client, queue.bucket, queue.failed_key(lease.name)):
+        _delete_lock(client, queue, lease)
+        raise TaskFinished(lease.name, "failed")
+
+
+def renew(client, queue: Queue, lease: Lease) -> Lease:
+    """Extend the lease (the heartbeat). Raises LeaseLost if anyone else wrote the lock since."""
+    with lease.guard:
+        try:
+            lease.etag = _put(client, queue.bucket, queue.lock_key(lease.name), lease.body(), IfMatch=lease.etag)
+        except Exception as error:  # noqa: BLE001
+            if _is(error, _PRECONDITION + _MISSING):
+                raise LeaseLost(f"lease on {lease.name} lost: another worker took it over") from error
+            raise
+        lease.renewed_at = time.monotonic()
+    return lease
+
+
+def ensure_live(client, queue: Queue, lease: Lease) -> None:
+    """Renew unless the lease was renewed recently, so a paused worker finds out before it writes."""
+    if time.monotonic() - lease.renewed_at > lease.lease_seconds / 2:
+        renew(client, queue, lease)
+
+
+def download(client, queue: Queue, key: str, path, max_bytes: int | None = None) -> str | None:
+    """Stream an object of the queue's bucket to a local file (in full or not at all).
+    Returns its ETag, or None when it does not exist."""
+    try:
+        response = client.get_object(Bucket=queue.bucket, Key=key)
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _MISSING):
+            return None
+        if _is(error, _DENIED):
+            raise BadInput(f"access to s3://{queue.bucket}/{key} is denied") from error
+        raise
+    size = response["ContentLength"]
+    if max_bytes is not None and size > max_bytes:
+        response["Body"].close()
+        raise BadInput(f"s3://{queue.bucket}/{key} is {size} bytes, more than the {max_bytes} the local disk allows")
+    partial = f"{path}.part"
+    with open(partial, "wb") as out:
+        for chunk in response["Body"].iter_chunks(1 << 20):
+            out.write(chunk)
+    os.replace(partial, path)
+    return response["ETag"]
+
+
+def publish_output(client, queue: Queue, lease: Lease, body, metadata: dict | None = None) -> bool:
+    """Upload the output of a claimed task. Returns False if an output was already there (it is
+    never overwritten: outputs are deterministic, the first one stands)."""
+    ensure_live(client, queue, lease)
+    try:
+        _put(client, queue.bucket, queue.output_key(lease.name), body, IfNoneMatch="*", Metadata=metadata or {})
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _PRECONDITION):
+            return False
+        raise
+    return True
+
+
+def complete(client, queue: Queue, lease: Lease, published: bool = False) -> None:
+    """Mark a task as completed, then let its lock go. Idempotent. Unless the caller has just
+    published the output itself, its presence is checked first: no output, no completion."""
+    if not published and not _exists(client, queue.bucket, queue.output_key(lease.name)):
+        raise QueueError(f"task {lease.name} has no output {queue.output_key(lease.name)}; publish it first")
+    _put(client, queue.bucket, queue.journal_key("completed", lease.name), b"")
+    _delete_lock(client, queue, lease)
+
+
+def release(client, queue: Queue, lease: Lease, error: str = "") -> str:
+    """Give the task back. With ``error`` the attempt counts: after ``max_attempts`` the task is
+    recorded failed; otherwise the lock is left expired so the next worker takes it over and
+    carries the attempt count on. Without ``error`` (e.g. the machine is being reclaimed) the
+    attempt does not count. Returns the task's state: "pending" or "failed"."""
+    if error:
+        lease.last_error = error
+        if lease.attempts >= queue.max_attempts:
+            _record_failed(client, queue, lease, f"gave up after {lease.attempts} attempts: {error}")
+            return "failed"
+    else:
+        lease.attempts -= 1
+        if lease.attempts <= 0:
+            _delete_lock(client, queue, lease)
+            return "pending"
+    lease.lease_seconds = 0  # expired at once: free for the next claim
+    renew(client, queue, lease)
+    return "pending"
+
+
+def fail(client, queue: Queue, lease: Lease, reason: str) -> None:
+    """Record the task failed for good (bad input: no retry can help) and let its lock go."""
+    lease.last_error = reason
+    _record_failed(client, queue, lease, reason)
+
+
+def _record_failed(client, queue: Queue, lease: Lease, reason: str) -> None:
+    record = {"task": lease.name, "reason": reason, "attempts": lease.attempts, "owner": lease.owner}
+    _put(client, queue.bucket, queue.failed_key(lease.name), json.dumps(record, indent=1).encode())
+    _put(client, queue.bucket, queue.journal_key("failed", lease.name), b"")
+    _delete_lock(client, queue, lease)
+
+
+def _delete_lock(client, queue: Queue, lease: Lease) -> bool:
+    """Delete the lock only if it is still ours. Returns False when it no longer was."""
+    try:
+        client.delete_object(Bucket=queue.bucket, Key=queue.lock_key(lease.name), IfMatch=lease.etag)
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _PRECONDITION + _MISSING):
+            return False
+        raise
+    return True
+
+
+# --- the lists ------------------------------------------------------------------------------------
+
+
+def _journal(client, queue: Queue) -> dict[str, list[str]]:
+    """Journal keys by state, e.g. {"completed": [key, ...], "failed": [...]}."""
+    entries: dict[str, list[str]] = {"completed": [], "failed": []}
+    for key in _list_keys(client, queue.bucket, f"{queue.prefix}journal/"):
+        state = key[len(queue.prefix) + len("journal/") :].split("/", 1)[0]
+        entries.setdefault(state, []).append(key)
+    return entries
+
+
+def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> dict:
+    """Fold the journal into completed.txt / failed.txt, and drop finished names and lines that
+    are not names (recorded in rejected.txt) from tasklist.txt. Every list write is conditional
+    on the ETag read; on a conflict everything is re-read and re-applied, so concurrent
+    compactions and people editing the tasklist lose nothing. Returns what moved."""
+    journal = _journal(client, queue)
+    journaled = sum(len(keys) for keys in journal.values())
+    if journaled < min_batch and not force:
+        return {"completed": 0, "failed": 0, "rejected": 0, "conflicts": 0}
+    finished = {state: {key.rsplit("/", 1)[1] for key in keys} for state, keys in journal.items()}
+    for attempt in range(20):
+        try:
+            moved = _apply_journal(client, queue, finished)
+        except Exception as error:  # noqa: BLE001
+            if not _is(error, _PRECONDITION + _CONFLICT):
+                raise
+            _backoff(attempt)
+            continue
+        done_keys = [key for keys in journal.values() for key in keys]
+        for start in range(0, len(done_keys), 1000):
+            chunk = [{"Key": key} for key in done_keys[start : start + 1000]]
+            client.delete_objects(Bucket=queue.bucket, Delete={"Objects": chunk, "Quiet": True})
+        moved["conflicts"] = attempt
+        return moved
+    raise QueueError("the lists kept changing under compaction; try again")
+
+
+def _read_list(client, queue: Queue, list_name: str) -> tuple[bytes, dict]:
+    """A list's body and the condition that writes it back only if nobody changed it meanwhile."""
+    found = _get(client, queue.bucket, queue.key(list_name))
+    return (found[0], {"IfMatch": found[1]}) if found else (b"", {"IfNoneMatch": "*"})
+
+
+def _apply_journal(client, queue: Queue, finished: dict[str, set[str]]) -> dict:
+    task_raw, task_cond = _read_list(client, queue, TASKLIST)
+    tasks = parse_tasklist(task_raw)
+    moved = {"completed": 0, "failed": 0, "rejected": len(tasks.rejected)}
+    for state, list_name in (("completed", COMPLETED), ("failed", FAILED)):
+        new = finished.get(state, set())
+        if not new:
+            continue
+        raw, cond = _read_list(client, queue, list_name)
+        present = set(parse_tasklist(raw).names)
+        additions = sorted(new - present)
+        if additions:
+            body = raw if raw.endswith(b"\n") or not raw else raw + b"\n"
+            _put(client, queue.bucket, queue.key(list_name), body + _lines(additions), **cond)
+        moved[state] = len(additions)
+    if tasks.rejected:
+        raw, cond = _read_list(client, queue, REJECTED)
+        recorded = set(raw.decode("utf-8", "replace").splitlines())
+        lines = [f"{line}\t{reason}" for line, reason in tasks.rejected]
+        additions = [line for line in lines if line not in recorded]
+        if additions:
+            _put(client, queue.bucket, queue.key(REJECTED), raw + _lines(additions), **cond)
+    done = set().union(*finished.values())
+    remaining = [name for name in tasks.names if name not in done]
+    if len(remaining) < len(tasks.names) or tasks.rejected:
+        # Rewritten normalised: comments first, one name a line, LF, no duplicates.
+        _put(client, queue.bucket, queue.key(TASKLIST), _lines(tasks.comments + remaining), **task_cond)
+    return moved
+
+
+# --- reading the state ----------------------------------------------------------------------------
+
+
+def queue_status(client, queue: Queue) -> dict:
+    """The queue as a person wants to see it: counts, who holds what and for how long."""
+    tasks = read_tasklist(client, queue)
+    journal = {state: {key.rsplit("/", 1)[1] for key in keys} for state, keys in _journal(client, queue).items()}
+    listed = {}
+    for state, list_name in (("completed", COMPLETED), ("failed", FAILED)):
+        found = _get(client, queue.bucket, queue.key(list_name))
+        listed[state] = set(parse_tasklist(found[0] if found else b"").names) | journal.get(state, set())
+    claimed = []
+    for key in _list_keys(client, queue.bucket, f"{queue.prefix}locks/"):
+        found = _get(client, queue.bucket, key)
+        if found is None:
+            continue
+        held = json.loads(found[0])
+        age = _lease_age(found[2])
+        claimed.append(
+            {
+                "task": key.rsplit("/", 1)[1],
+                "owner": held.get("owner", ""),
+                "instance_id": held.get("instance_id", ""),
+                "attempts": held.get("attempts", 0),
+                "lease_age_seconds": round(age, 1),
+                "expired": age >= held.get("lease_seconds", queue.lease_seconds),
+            }
+        )
+    finished = listed["completed"] | listed["failed"]
+    pending = [name for name in tasks.names if name not in finished]
+    return {
+        "pending": len(pending),
+        "pending_tasks": pending,
+        "claimed": len(claimed),
+        "claims": claimed,
+        "completed": len(listed["completed"]),
+        "failed": len(listed["failed"]),
+        "failed_tasks": sorted(listed["failed"]),
+        "rejected": [{"line": line, "reason": reason} for line, reason in tasks.rejected],
+        "journaled": sum(len(names) for names in journal.values()),
+        "drained": not pending and not claimed,
+    }
+
+
+# --- choosing what to claim -----------------------------------------------------------------------
+
+
+class TaskPicker:
+    """Finds the next task for one worker from a shuffled snapshot of the tasklist, so that a
+    claim costs one request rather than one read of the whole list. Busy tasks are put aside and
+    retried (with lease takeover) only when nothing else is left; finished tasks are dropped.
+    The snapshot is re-read when most recent picks miss, so work stays bounded per task."""
+
+    def __init__(self, client, queue: Queue, owner: str, instance_id: str = "", poll_seconds: float = 5.0) -> None:
+        self.client, self.queue, self.owner, self.instance_id = client, queue, owner, instance_id
+        self.poll_seconds = poll_seconds
+        self.finished: set[str] = set()
+        self.rejected: list[tuple[str, str]] = []
+        self._candidates: deque[str] = deque()
+        self._busy: list[str] = []
+        self._hits = self._misses = 0
+        self._fresh = False
+
+    def _refresh(self) -> None:
+        tasks = read_tasklist(self.client, self.queue)
+        self.rejected = tasks.rejected
+        journaled = {key.rsplit("/", 1)[1] for keys in _journal(self.client, self.queue).values() for key in keys}
+        self.finished |= journaled
+        names = [name for name in tasks.names if name not in self.finished]
+        random.shuffle(names)
+        self._candidates, self._busy = deque(names), []
+        self._hits = self._misses = 0
+        self._fresh = True
+
+    def _try(self, name: str, take_over: bool) -> Lease | None:
+        try:
+            lease = claim(self.client, self.queue, name, self.owner, self.instance_id, take_over=take_over)
+        except ClaimConflict:
+            self._busy.append(name)
+        except TaskFinished:
+            self.finished.add(name)
+        else:
+            self._hits += 1
+            self._fresh = False
+            return lease
+        self._misses += 1
+        return None
+
+    def next(self) -> Lease | None:
+        """The next claimed task, or None once nothing is pending or held by anyone."""
+        if not self._candidates and not self._busy:
+            self._refresh()
+        while True:
+            while self._candidates:
+                if self._misses >= 4 and self._misses > self._hits and not self._fresh:
+                    self._refresh()
+                    continue
+                lease = self._try(self._candidates.popleft(), take_over=False)
+                if lease:
+                    return lease
+            if not self._busy:
+                if self._fresh:
+                    return None
+                self._refresh()
+                continue
+            # Only tasks held by others remain: wait for them to finish, or for a lease to expire.
+            busy, self._busy = self._busy, []
+            for name in busy:
+                lease = self._try(name, take_over=True)
+                if lease:
+                    return lease
+            if self._busy:
+                time.sleep(self.poll_seconds)
+                self._refresh()

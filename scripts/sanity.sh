@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Run `ansible-test sanity` on the collection, offline, with no ignore entries.
+#
+# ansible-test wants the collection at .../ansible_collections/cicc/cloud, so the repository's files
+# (tracked, plus untracked ones git does not ignore) are copied afresh into
+# .build/ansible_collections/cicc/cloud, beside links to the collections cicc.cloud depends on,
+# taken from the `ansible` package in .venv (Galaxy is not reachable). Extra arguments go to
+# ansible-test, e.g. `scripts/sanity.sh --test pep8` or `scripts/sanity.sh -v`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+export PATH=$root/.venv/bin:$PATH
+python_version=3.11
+build_root=$root/.build/ansible_collections
+dest=$build_root/cicc/cloud
+log() { printf '==> %s\n' "$*"; }
+
+command -v ansible-test >/dev/null || { echo "ansible-test is not in $root/.venv: run 'make setup' first" >&2; exit 1; }
+
+# ansible-test builds each sanity test's virtualenv by running a get-pip.py it downloads from a host
+# that is not reachable here. This stand-in installs pip from the wheel Python ships (ensurepip), then
+# lets that pip install what ansible-test asked for from the package index. ensurepip points
+# PIP_CONFIG_FILE at /dev/null, which would hide the machine's pip configuration (index, wheels,
+# certificates), so it is dropped before pip runs. get-pip.py's own --no-setuptools/--no-wheel are
+# not pip options: they are dropped too.
+pip_version=$(python - <<'PY'
+from ansible_test._internal.python_requirements import get_venv_packages
+from ansible_test._internal.host_configs import NativePythonConfig
+
+print(get_venv_packages(NativePythonConfig(version="3.11"))["pip"])
+PY
+)
+get_pip=$HOME/.ansible/test/cache/get_pip_${pip_version//./_}.py
+if [ ! -e "$get_pip" ]; then
+  log "Writing the offline pip bootstrap stand-in $get_pip"
+  mkdir -p "$(dirname "$get_pip")"
+  cat >"$get_pip" <<'PY'
+"""Offline stand-in for get-pip.py, written by cicc.cloud scripts/sanity.sh: pip from ensurepip, then pip install."""
+import ensurepip
+import os
+import subprocess
+import sys
+
+ensurepip.bootstrap()
+os.environ.pop("PIP_CONFIG_FILE", None)
+args = [arg for arg in sys.argv[1:] if arg not in ("--no-setuptools", "--no-wheel")]
+sys.exit(subprocess.call([sys.executable, "-m", "pip", "install", *args]))
+PY
+fi
+
+log "Copying the collection to $dest"
+rm -rf "$root/.build/ansible_collections"
+mkdir -p "$dest"
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  # A file deleted from the work tree but still in the index is listed too: skip it.
+  git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' file; do
+      if [ -e "$file" ] || [ -L "$file" ]; then printf '%s\0' "$file"; fi
+    done |
+    tar --null --no-recursion -T - -cf - | tar -C "$dest" -xf -
+  # ansible-test lists a collection's files with git when it finds a .git directory up the tree, and
+  # .build/ is ignored by this repository's git: give the copy its own (empty) repository, so that
+  # every file of the copy counts, with the same .gitignore rules.
+  git init -q "$dest"
+else
+  tar --exclude=./.git --exclude=./.venv --exclude=./.collections --exclude=./.build --exclude=./tests/output \
+    -cf - . | tar -C "$dest" -xf -
+fi
+
+# The collections named in galaxy.yml's dependencies, and theirs, linked from the ansible package, so
+# that doc fragments, module_utils and action groups of amazon.aws and others resolve.
+python - "$root/galaxy.yml" "$build_root" <<'PY'
+import json
+import os
+import sys
+
+import yaml
+import ansible_collections
+
+galaxy, build_root = sys.argv[1:]
+installed = [path for path in ansible_collections.__path__ if os.path.isdir(path)]
+with open(galaxy, encoding="utf-8") as stream:
+    pending = list((yaml.safe_load(stream) or {}).get("dependencies") or {})
+seen = set()
+while pending:
+    name = pending.pop()
+    if name in seen:
+        continue
+    seen.add(name)
+    namespace, collection = name.split(".")
+    source = next((os.path.join(path, namespace, collection) for path in installed
+                   if os.path.isdir(os.path.join(path, namespace, collection))), None)
+    if source is None:
+        sys.exit(f"The collection {name} (a dependency of cicc.cloud) is not installed in .venv: run 'make setup'")
+    link = os.path.join(build_root, namespace, collection)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(source, link)
+    manifest = os.path.join(source, "MANIFEST.json")
+    if os.path.exists(manifest):
+        with open(manifest, encoding="utf-8") as stream:
+            pending.extend(json.load(stream)["collection_info"].get("dependencies") or {})
+print("==> Dependencies linked: " + ", ".join(sorted(seen)))
+PY
+
+# Only tests that cannot run here at all are skipped, each with its reason:
+skips=()
+# (none: every test that applies to this collection runs offline with the pip stand-in above)
+
+log "ansible-test sanity --python $python_version --requirements ${skips[*]} $*"
+start=$SECONDS
+status=0
+(cd "$dest" && ansible-test sanity --python "$python_version" --requirements --color no "${skips[@]}" "$@") || status=$?
+elapsed=$((SECONDS - start))
+
+if [ "$status" -eq 0 ]; then
+  log "Sanity: all tests passed in ${elapsed} s"
+else
+  log "Sanity: FAILED (ansible-test exit $status) in ${elapsed} s; details above and in $dest/tests/output/bot/"
+fi
+exit "$status"

@@ -1,0 +1,147 @@
+"""Shared fixtures: a real AWS emulator (moto server on 127.0.0.1) and the real Docker Engine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The collection is importable as ansible_collections.cicc.cloud through this link (scripts/setup.sh).
+sys.path.insert(0, str(ROOT / ".collections"))
+
+REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def emulator() -> str:
+    """Endpoint URL of a moto server started for this test session, exported the ecosystem's way."""
+    port = _free_port()
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(endpoint + "/moto-api/")
+        saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_URL")}
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_URL=endpoint,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION=REGION,
+            AWS_REGION=REGION,
+        )
+        yield endpoint
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3(emulator):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=emulator, region_name=REGION)
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    """A fresh, empty bucket on the emulator."""
+    name = f"cicc-test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """The real Docker Engine; scripts/setup.sh installs and starts it, so its absence is a failure."""
+    import docker
+
+    client = docker.from_env()
+    client.ping()
+    return client
+
+
+def _load_by_path(name: str, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def worker_module():
+    """worker/cicc_worker.py, imported as the instance runs it."""
+    return _load_by_path("cicc_worker", ROOT / "worker" / "cicc_worker.py")
+
+
+@pytest.fixture(scope="session")
+def process_module():
+    return _load_by_path("cicc_process", ROOT / "container" / "process.py")
+
+
+@pytest.fixture
+def inline_runner(process_module, worker_module):
+    """The light processing step: process.py's own XOR, run in this process instead of a container."""
+    import numpy as np
+
+    class InlineRunner:
+        def __init__(self) -> None:
+            self.runs: list[str] = []
+
+        def run(self, task_dir: Path, name: str, kernel: str, output: str, timeout: float) -> str:
+            self.runs.append(name)
+            data = np.fromfile(task_dir / name, dtype=np.uint8)
+            process_module.xor_with_kernel(data, np.fromfile(task_dir / kernel, dtype=np.uint8))
+            data.tofile(task_dir / output)
+            return f"SUCCESS {name} -> {output}"
+
+    return InlineRunner()
+
+
+@pytest.fixture
+def make_worker(emulator, bucket, tmp_path, worker_module):
+    """Build a worker on the test bucket with its own S3 client and work directory."""
+    import boto3
+
+    def make(runner, owner: str = "w1", **settings):
+        client = boto3.session.Session().client("s3", endpoint_url=emulator, region_name=REGION)
+        options = {"bucket": bucket, "workdir": str(tmp_path / owner), "lease_seconds": 30, **settings}
+        return worker_module.Worker(worker_module.Settings(**options), client, runner, owner=owner)
+
+    return make

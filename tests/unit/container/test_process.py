@@ -1,0 +1,480 @@
+"""Tests of container/process.py: the XOR, the command line and its exit codes, atomic output, the real image."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPT = ROOT / "container" / "process.py"
+IMAGE = os.environ.get("CICC_PROCESS_IMAGE", "cicc-process:latest")
+BASE_IMAGE = os.environ.get("CICC_BASE_IMAGE", "cicc-base:bookworm")
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("cicc_container_process", path)
+    module = importlib.util.module_from_spec(spec)
+    # Keep container/ free of __pycache__: it is the image's build context.
+    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = saved
+    return module
+
+
+process = _load(SCRIPT)
+
+
+def _reference(data: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    return np.resize(kernel, data.size) ^ data if data.size else data.copy()
+
+
+def _random(size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- xor_with_kernel
+
+XOR_CASES = [
+    # (input length, kernel length)
+    pytest.param(3000, 1000, id="multiple-of-kernel"),
+    pytest.param(2_000_000, 1000, id="seed-size"),
+    pytest.param(2500, 1000, id="not-a-multiple"),
+    pytest.param(999, 1000, id="shorter-than-kernel"),
+    pytest.param(1, 1000, id="one-byte-input"),
+    pytest.param(0, 1000, id="empty-input"),
+    pytest.param(12_345, 1, id="kernel-of-one-byte"),
+    pytest.param(0, 1, id="empty-input-one-byte-kernel"),
+    pytest.param(100_003, 7, id="short-odd-kernel"),
+    pytest.param(65_000 * 3, 1000, id="whole-tiled-blocks"),
+    pytest.param(65_000 * 3 + 999, 1000, id="tiled-blocks-plus-tail"),
+    pytest.param(150_001, 70_000, id="kernel-longer-than-a-block"),
+    pytest.param(50_000, 70_000, id="long-kernel-truncated"),
+]
+
+
+@pytest.mark.parametrize(("size", "kernel_size"), XOR_CASES)
+def test_xor_with_kernel_matches_reference(size: int, kernel_size: int) -> None:
+    data = _random(size, seed=size)
+    kernel = _random(kernel_size, seed=kernel_size + 1)
+    expected = _reference(data, kernel)
+
+    result = process.xor_with_kernel(data, kernel)
+
+    assert result is data, "the XOR must run in place"
+    assert result.dtype == np.uint8 and result.shape == (size,)
+    np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.parametrize(("size", "kernel_size"), XOR_CASES)
+def test_xor_with_kernel_is_its_own_inverse(size: int, kernel_size: int) -> None:
+    original = _random(size, seed=size + 2)
+    kernel = _random(kernel_size, seed=kernel_size + 3)
+
+    twice = process.xor_with_kernel(process.xor_with_kernel(original.copy(), kernel), kernel)
+
+    np.testing.assert_array_equal(twice, original)
+
+
+def test_xor_with_empty_kernel_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        process.xor_with_kernel(np.zeros(10, dtype=np.uint8), np.zeros(0, dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A data directory staged like a task: a 2,500-byte input (not a multiple) and a 1,000-byte kernel."""
+    (tmp_path / "in3.dat").write_bytes(_random(2500, seed=3).tobytes())
+    (tmp_path / "kernel.dat").write_bytes(_random(1000, seed=4).tobytes())
+    return tmp_path
+
+
+def _run(work: Path, *, input: str = "in3.dat", kernel: str = "kernel.dat", output: str = "out3.dat") -> int:
+    return process.main(["--data", str(work), "--input", input, "--kernel", kernel, "--output", output])
+
+
+def _expected(work: Path, input: str = "in3.dat", kernel: str = "kernel.dat") -> bytes:
+    data = np.fromfile(work / input, dtype=np.uint8)
+    return _reference(data, np.fromfile(work / kernel, dtype=np.uint8)).tobytes()
+
+
+def _one_line(text: str) -> str:
+    lines = text.splitlines()
+    assert len(lines) == 1, f"expected exactly one line, got {lines!r}"
+    return lines[0]
+
+
+def test_exit_codes_are_distinct() -> None:
+    codes = [
+        process.EXIT_OK,
+        process.EXIT_USAGE,
+        process.EXIT_NO_INPUT,
+        process.EXIT_NO_KERNEL,
+        process.EXIT_EMPTY_KERNEL,
+        process.EXIT_UNREADABLE,
+        process.EXIT_CANNOT_WRITE,
+        process.EXIT_TERMINATED,
+    ]
+    assert codes == [0, 2, 3, 4, 5, 6, 7, 143]
+
+
+def test_success_writes_output_and_one_success_line(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = set(os.listdir(work))
+
+    assert _run(work) == process.EXIT_OK
+
+    out, err = capsys.readouterr()
+    assert _one_line(out) == "SUCCESS in3.dat -> out3.dat 2500 bytes"
+    assert err == ""
+    assert (work / "out3.dat").read_bytes() == _expected(work)
+    assert set(os.listdir(work)) == before | {"out3.dat"}, "no temp file may remain"
+
+
+def test_output_mode_follows_umask(work: Path) -> None:
+    saved = os.umask(0o022)
+    try:
+        assert _run(work) == process.EXIT_OK
+    finally:
+        os.umask(saved)
+    assert (work / "out3.dat").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("input_size", "kernel_size"),
+    [
+        pytest.param(0, 1000, id="empty-input"),
+        pytest.param(999, 1000, id="kernel-longer-than-input"),
+        pytest.param(3000, 1000, id="multiple-of-kernel"),
+        pytest.param(3001, 1, id="kernel-of-one-byte"),
+    ],
+)
+def test_tiling_rule_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], input_size: int, kernel_size: int
+) -> None:
+    (tmp_path / "in.dat").write_bytes(_random(input_size, seed=5).tobytes())
+    (tmp_path / "k.dat").write_bytes(_random(kernel_size, seed=6).tobytes())
+
+    assert _run(tmp_path, input="in.dat", kernel="k.dat", output="out.dat") == process.EXIT_OK
+
+    assert _one_line(capsys.readouterr().out) == f"SUCCESS in.dat -> out.dat {input_size} bytes"
+    assert (tmp_path / "out.dat").read_bytes() == _expected(tmp_path, "in.dat", "k.dat")
+
+
+def test_existing_output_is_replaced_on_success(work: Path) -> None:
+    (work / "out3.dat").write_bytes(b"stale output from an earlier attempt")
+
+    assert _run(work) == process.EXIT_OK
+
+    assert (work / "out3.dat").read_bytes() == _expected(work)
+
+
+BAD_NAMES = [
+    pytest.param("../x", id="parent"),
+    pytest.param("..", id="dotdot"),
+    pytest.param("a..b", id="embedded-dotdot"),
+    pytest.param("a/b", id="slash"),
+    pytest.param("/etc/passwd", id="absolute"),
+    pytest.param("a\\b", id="backslash"),
+    pytest.param("", id="empty"),
+    pytest.param(".", id="dot"),
+    pytest.param("a\x00b", id="nul"),
+    pytest.param("a\nb", id="newline"),
+    pytest.param("a\x7fb", id="del"),
+    pytest.param("x" * 201, id="too-long"),
+]
+
+
+@pytest.mark.parametrize("option", ["input", "kernel", "output"])
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_name_is_a_usage_error(work: Path, capsys: pytest.CaptureFixture[str], option: str, name: str) -> None:
+    before = set(os.listdir(work))
+
+    assert _run(work, **{option: name}) == process.EXIT_USAGE
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    line = _one_line(err)
+    assert line.startswith("process.py: usage error: argument --" + option), line
+    assert set(os.listdir(work)) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param([], "the following arguments are required", id="no-arguments"),
+        pytest.param(["--input", "in3.dat"], "--kernel, --output", id="missing-options"),
+        pytest.param(["--data", "{work}/absent", "--input", "in3.dat", "--kernel", "kernel.dat", "--output", "o"],
+                     "data directory", id="absent-data-directory"),
+        pytest.param(["--data", "{work}", "--input", "in3.dat", "--kernel", "kernel.dat", "--output", "in3.dat"],
+                     "must differ", id="output-overwrites-input"),
+        pytest.param(["--data", "{work}", "--input", "in3.dat", "--kernel", "kernel.dat", "--output", "kernel.dat"],
+                     "must differ", id="output-overwrites-kernel"),
+    ],
+)  # fmt: skip
+def test_usage_errors(work: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    before = {name: (work / name).read_bytes() for name in os.listdir(work)}
+
+    assert process.main([arg.format(work=work) for arg in argv]) == process.EXIT_USAGE
+
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("process.py: usage error:") and message in line, line
+    assert {name: (work / name).read_bytes() for name in os.listdir(work)} == before
+
+
+def _make_directory(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.mkdir()
+
+
+def _make_symlink_loop(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to(path.name)
+
+
+def _make_growing(path: Path) -> None:
+    # /proc files report size 0 but have content: the same as a file appended to while it is read.
+    path.unlink(missing_ok=True)
+    path.symlink_to("/proc/self/status")
+
+
+def _make_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize(
+    ("target", "damage", "code", "message"),
+    [
+        pytest.param("in3.dat", _remove, 3, "input {work}/in3.dat does not exist", id="missing-input"),
+        pytest.param("kernel.dat", _remove, 4, "kernel {work}/kernel.dat does not exist", id="missing-kernel"),
+        pytest.param("kernel.dat", _make_empty, 5, "kernel {work}/kernel.dat is empty", id="empty-kernel"),
+        pytest.param("in3.dat", _make_directory, 6, "input {work}/in3.dat is a directory", id="input-is-directory"),
+        pytest.param("kernel.dat", _make_directory, 6, "kernel {work}/kernel.dat is a directory", id="kernel-is-dir"),
+        # Tests run as root, where chmod 000 does not stop a read; a symlink loop fails for root too.
+        pytest.param("in3.dat", _make_symlink_loop, 6, "cannot open input", id="input-unreadable"),
+        pytest.param("kernel.dat", _make_symlink_loop, 6, "cannot open kernel", id="kernel-unreadable"),
+        pytest.param("in3.dat", _make_growing, 6, "grew while being read", id="input-changed-while-read"),
+    ],
+)
+def test_input_and_kernel_failures(
+    work: Path,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    damage,
+    code: int,
+    message: str,
+) -> None:
+    damage(work / target)
+    before = set(os.listdir(work))
+
+    assert _run(work) == code
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    line = _one_line(err)
+    assert line.startswith("process.py: ") and message.format(work=work) in line, line
+    assert set(os.listdir(work)) == before, "no output and no temp file may remain"
+
+
+def test_missing_input_is_reported_before_a_bad_kernel(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (work / "in3.dat").unlink()
+    (work / "kernel.dat").write_bytes(b"")
+
+    assert _run(work) == process.EXIT_NO_INPUT
+    assert "input" in capsys.readouterr().err
+
+
+def test_output_that_is_a_directory_cannot_be_written(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (work / "out3.dat").mkdir()
+    before = set(os.listdir(work))
+
+    assert _run(work) == process.EXIT_CANNOT_WRITE
+
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"process.py: cannot write output {work}/out3.dat:"), line
+    assert (work / "out3.dat").is_dir()
+    assert set(os.listdir(work)) == before, "the temp file must be removed"
+
+
+def test_write_failure_leaves_no_temp_and_keeps_existing_output(
+    work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (work / "out3.dat").write_bytes(b"previous output")
+    before = set(os.listdir(work))
+    seen: list[int] = []
+
+    def failing_fsync(fd: int) -> None:
+        seen.append(fd)
+        raise OSError(5, "Input/output error")
+
+    # The data is fully written to the temp file when fsync fails: the last moment before publishing.
+    monkeypatch.setattr(process.os, "fsync", failing_fsync)
+    code = _run(work)
+    monkeypatch.undo()
+
+    assert code == process.EXIT_CANNOT_WRITE
+    assert seen, "the temp file must be fsynced before it is published"
+    assert "Input/output error" in _one_line(capsys.readouterr().err)
+    assert (work / "out3.dat").read_bytes() == b"previous output"
+    assert set(os.listdir(work)) == before
+
+
+@pytest.mark.parametrize(
+    ("target", "damage"),
+    [
+        pytest.param("in3.dat", _remove, id="missing-input"),
+        pytest.param("kernel.dat", _make_empty, id="empty-kernel"),
+        pytest.param("in3.dat", _make_directory, id="input-is-directory"),
+    ],
+)
+def test_failure_keeps_existing_output(work: Path, target: str, damage) -> None:
+    (work / "out3.dat").write_bytes(b"previous output")
+    damage(work / target)
+
+    assert _run(work) != process.EXIT_OK
+
+    assert (work / "out3.dat").read_bytes() == b"previous output"
+
+
+def _open_writer_when_read(fifo: Path, proc: subprocess.Popen, seconds: float = 30) -> int:
+    """Open the FIFO's writer end once process.py has opened it for reading, so its handler is in place."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        if proc.poll() is not None:
+            pytest.fail(f"process.py exited with {proc.returncode} before opening its input: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"process.py did not open its input within {seconds} s")
+        time.sleep(0.02)
+
+
+def test_sigterm_stops_the_run_without_output(work: Path) -> None:
+    """A run blocked on its input (a FIFO nobody writes to) stops on SIGTERM with 143 and leaves nothing."""
+    fifo = work / "in3.dat"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    before = set(os.listdir(work))
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--data", str(work), "--input", "in3.dat", "--kernel", "kernel.dat"]
+        + ["--output", "out3.dat"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        writer = _open_writer_when_read(fifo, proc)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            os.close(writer)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    assert proc.returncode == process.EXIT_TERMINATED
+    assert out == ""
+    assert _one_line(err) == "process.py: stopped by SIGTERM before the run completed"
+    assert set(os.listdir(work)) == before
+
+
+def test_runs_as_a_script(work: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", str(work), "--input", "in3.dat", "--kernel", "kernel.dat"]
+        + ["--output", "out3.dat"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, "SUCCESS in3.dat -> out3.dat 2500 bytes\n", "")
+    assert (work / "out3.dat").read_bytes() == _expected(work)
+
+
+# ---------------------------------------------------------------------------------------------- the real image
+
+
+@pytest.fixture(scope="session")
+def process_image(docker_client) -> str:
+    """The processing image, built (or found up to date) by scripts/process-image.sh."""
+    from docker.errors import ImageNotFound
+
+    try:
+        docker_client.images.get(BASE_IMAGE)
+    except ImageNotFound:
+        pytest.fail(f"base image {BASE_IMAGE} is absent: build it with scripts/base-image.sh (or `make setup`)")
+    # Always run the script: it is a no-op when the image matches the sources, and rebuilds a stale one.
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "process-image.sh")], capture_output=True, text=True, check=False, timeout=600
+    )
+    if result.returncode != 0:
+        pytest.fail(f"scripts/process-image.sh failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    docker_client.images.get(IMAGE)
+    return IMAGE
+
+
+def _run_container(docker_client, image: str, data_dir: Path, args: list[str]) -> tuple[int, str, str]:
+    container = docker_client.containers.run(
+        image,
+        args,
+        volumes={str(data_dir): {"bind": "/data", "mode": "rw"}},
+        network_mode="host",
+        detach=True,
+    )
+    try:
+        status = container.wait(timeout=120)["StatusCode"]
+        out = container.logs(stdout=True, stderr=False).decode()
+        err = container.logs(stdout=False, stderr=True).decode()
+    finally:
+        container.remove(force=True)
+    return status, out, err
+
+
+def test_image_processes_a_task(docker_client, process_image: str, tmp_path: Path) -> None:
+    data = _random(2_000_000, seed=7)
+    kernel = _random(1000, seed=8)
+    (tmp_path / "in3.dat").write_bytes(data.tobytes())
+    (tmp_path / "kernel.dat").write_bytes(kernel.tobytes())
+
+    status, out, err = _run_container(
+        docker_client, process_image, tmp_path, ["--input", "in3.dat", "--kernel", "kernel.dat", "--output", "out3.dat"]
+    )
+
+    assert status == 0, err
+    assert _one_line(out) == "SUCCESS in3.dat -> out3.dat 2000000 bytes"
+    assert (tmp_path / "out3.dat").read_bytes() == _reference(data, kernel).tobytes()
+    assert sorted(os.listdir(tmp_path)) == ["in3.dat", "kernel.dat", "out3.dat"]
+
+
+def test_image_reports_missing_input(docker_client, process_image: str, tmp_path: Path) -> None:
+    (tmp_path / "kernel.dat").write_bytes(_random(1000, seed=9).tobytes())
+
+    status, out, err = _run_container(
+        docker_client, process_image, tmp_path, ["--input", "in3.dat", "--kernel", "kernel.dat", "--output", "out3.dat"]
+    )
+
+    assert status == process.EXIT_NO_INPUT
+    assert out == ""
+    assert _one_line(err) == "process.py: input /data/in3.dat does not exist: stage it in the data directory first"
+    assert os.listdir(tmp_path) == ["kernel.dat"]

@@ -1,0 +1,285 @@
+"""The claim protocol against the real emulator: rules, bad input and fault-matrix rows 1, 3, 4, 7, 8."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import boto3
+import pytest
+
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+
+
+def _body(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    return [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+
+@pytest.fixture
+def queue(bucket) -> tq.Queue:
+    return tq.Queue(bucket, lease_seconds=30, max_attempts=2)
+
+
+def _seed(s3, queue: tq.Queue, names: list[str], tasklist: bytes | None = None) -> None:
+    for name in names:
+        s3.put_object(Bucket=queue.bucket, Key=queue.key(name), Body=name.encode())
+    s3.put_object(Bucket=queue.bucket, Key=queue.key(tq.TASKLIST), Body=tasklist or tq._lines(names))
+
+
+# --- names and lists ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("in3.dat", None),
+        ("A_b-c+1.x", None),
+        ("../etc/passwd", "path separator"),
+        ("/abs.dat", "path separator"),
+        ("a//b", "path separator"),
+        ("a\\b", "path separator"),
+        ("in\n3.dat", "control character"),
+        ("in\x003.dat", "control character"),
+        ("s3://other-bucket/in1.dat", "path separator"),
+        ("x" * 1025, "longer than"),
+        (".hidden", "must start with a letter or digit"),
+        ("-rf", "must start with a letter or digit"),
+        ("in 3.dat", "may hold only"),
+        ("tasklist.txt", "name of a queue list"),
+        ("", "empty"),
+    ],
+)
+def test_name_problem(name, problem):
+    found = tq.name_problem(name)
+    assert (found is None) if problem is None else (problem in found)
+
+
+@pytest.mark.parametrize(
+    "name, output",
+    [("in3.dat", "out3.dat"), ("in.dat", "out.dat"), ("data7.bin", "out_data7.bin"), ("in", "out_in")],
+)
+def test_output_name(name, output):
+    assert tq.output_name(name) == output
+
+
+@pytest.mark.parametrize(
+    "raw, names, rejected",
+    [
+        (b"in3.dat\nin4.dat\n", ["in3.dat", "in4.dat"], []),
+        (b"in3.dat\r\nin4.dat\r\n", ["in3.dat", "in4.dat"], []),  # CRLF
+        (b"\xef\xbb\xbfin3.dat\n", ["in3.dat"], []),  # BOM
+        (b"in3.dat   \n\n\n  in4.dat", ["in3.dat", "in4.dat"], []),  # spaces, blanks, no final newline
+        (b"# to do\nin3.dat\n", ["in3.dat"], []),  # comments
+        (b"in3.dat\nin3.dat\n", ["in3.dat"], []),  # duplicates
+        (b"in3.dat\n\xff\xfe.dat\n", ["in3.dat"], ["not UTF-8"]),
+        (b"../x\nin3.dat\n", ["in3.dat"], ["path separator"]),
+        (b"x" * 5000 + b"\nin3.dat\n", ["in3.dat"], ["longer than"]),
+        (b"", [], []),
+    ],
+)
+def test_parse_tasklist(raw, names, rejected):
+    parsed = tq.parse_tasklist(raw)
+    assert parsed.names == names
+    assert [reason for _, reason in parsed.rejected if any(r in reason for r in rejected)] == [
+        reason for _, reason in parsed.rejected
+    ]
+    assert len(parsed.rejected) == len(rejected)
+
+
+# --- claim, lease, complete -----------------------------------------------------------------------
+
+
+def test_claim_complete_and_compact_keep_lists_exact(s3, queue):
+    _seed(s3, queue, ["in1.dat", "in2.dat"])
+    lease = tq.claim(s3, queue, "in1.dat", "w1")
+    assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "w1"
+    with pytest.raises(tq.QueueError, match="no output"):
+        tq.complete(s3, queue, lease)
+    assert tq.publish_output(s3, queue, lease, b"result") is True
+    tq.complete(s3, queue, lease)
+    tq.complete(s3, queue, lease)  # idempotent
+    assert _keys(s3, queue.bucket, "locks/") == []
+    moved = tq.compact(s3, queue)
+    assert moved["completed"] == 1
+    assert _body(s3, queue.bucket, "tasklist.txt") == b"in2.dat\n"
+    assert _body(s3, queue.bucket, "completed.txt") == b"in1.dat\n"
+    assert _keys(s3, queue.bucket, "journal/") == []
+    status = tq.queue_status(s3, queue)
+    assert (status["pending"], status["completed"], status["claimed"]) == (1, 1, 0)
+
+
+def test_live_lease_conflicts_and_output_is_never_overwritten(s3, queue):
+    _seed(s3, queue, ["in1.dat"])
+    lease = tq.claim(s3, queue, "in1.dat", "w1")
+    for take_over in (False, True):
+        with pytest.raises(tq.ClaimConflict):
+            tq.claim(s3, queue, "in1.dat", "w2", take_over=take_over)
+    s3.put_object(Bucket=queue.bucket, Key="out1.dat", Body=b"first")
+    assert tq.publish_output(s3, queue, lease, b"second") is False
+    assert _body(s3, queue.bucket, "out1.dat") == b"first"
+
+
+def test_row1_many_workers_claim_the_same_task_at_once(emulator, s3, queue):
+    _seed(s3, queue, ["in1.dat"])
+    barrier, winners, losers = threading.Barrier(12), [], []
+
+    def contend(owner: str) -> None:
+        client = boto3.session.Session().client("s3", endpoint_url=emulator, region_name="us-east-1")
+        barrier.wait()
+        try:
+            winners.append(tq.claim(client, queue, "in1.dat", owner))
+        except tq.ClaimConflict:
+            losers.append(owner)
+
+    threads = [threading.Thread(target=contend, args=(f"w{i}",)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(winners) == 1 and len(losers) == 11
+    assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == winners[0].owner
+
+
+def test_row3_output_uploaded_then_worker_died(s3, bucket):
+    queue = tq.Queue(bucket, lease_seconds=1)
+    _seed(s3, queue, ["in1.dat"])
+    dead = tq.claim(s3, queue, "in1.dat", "dead")
+    assert tq.publish_output(s3, queue, dead, b"result")
+    time.sleep(2.2)  # the dead worker's lease runs out by S3's clock
+    with pytest.raises(tq.TaskFinished) as finished:
+        tq.claim(s3, queue, "in1.dat", "next")
+    assert finished.value.state == "completed"
+    assert _keys(s3, queue.bucket, "locks/") == []
+    tq.compact(s3, queue)
+    tq.compact(s3, queue, force=True)
+    assert _body(s3, queue.bucket, "completed.txt") == b"in1.dat\n"  # once
+    assert _body(s3, queue.bucket, "out1.dat") == b"result"  # not recomputed
+
+
+def test_row4_paused_worker_loses_its_lease_and_cannot_write(s3, bucket):
+    queue = tq.Queue(bucket, lease_seconds=1)
+    _seed(s3, queue, ["in1.dat"])
+    paused = tq.claim(s3, queue, "in1.dat", "paused")
+    time.sleep(2.2)
+    new = tq.claim(s3, queue, "in1.dat", "new")
+    assert new.attempts == 2
+    with pytest.raises(tq.LeaseLost):
+        tq.renew(s3, queue, paused)
+    paused.renewed_at -= 10  # resumed after a long pause: it must check before publishing
+    with pytest.raises(tq.LeaseLost):
+        tq.publish_output(s3, queue, paused, b"late")
+    assert "out1.dat" not in _keys(s3, queue.bucket)
+    assert tq._delete_lock(s3, queue, paused) is False
+    assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "new"
+    tq.release(s3, queue, paused)  # refused: the lock is not the paused worker's any more
+    assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "new"
+
+
+def test_row8_reply_lost_after_claim_finds_own_lock(s3, queue):
+    _seed(s3, queue, ["in1.dat"])
+    first = tq.claim(s3, queue, "in1.dat", "w1")  # its reply "lost": the caller retries with its token
+    again = tq.claim(s3, queue, "in1.dat", "w1", token=first.token)
+    assert again.token == first.token and again.attempts == 1
+    tq.renew(s3, queue, again)
+    with pytest.raises(tq.ClaimConflict):
+        tq.claim(s3, queue, "in1.dat", "w1")  # a different claim of the same owner is someone else
+
+
+def test_release_counts_attempts_until_failed_record(s3, queue):
+    _seed(s3, queue, ["in1.dat", "in2.dat"])
+    lease = tq.claim(s3, queue, "in1.dat", "w1")
+    assert tq.release(s3, queue, lease, "exit code 9") == "pending"
+    retry = tq.claim(s3, queue, "in1.dat", "w2")  # released leases are free at once
+    assert retry.attempts == 2 and retry.last_error == "exit code 9"
+    assert tq.release(s3, queue, retry, "exit code 9 again") == "failed"
+    record = json.loads(_body(s3, queue.bucket, queue.failed_key("in1.dat")))
+    assert record["attempts"] == 2 and "exit code 9 again" in record["reason"]
+    with pytest.raises(tq.TaskFinished) as finished:
+        tq.claim(s3, queue, "in1.dat", "w3")
+    assert finished.value.state == "failed"
+    tq.compact(s3, queue)
+    assert _body(s3, queue.bucket, "failed.txt") == b"in1.dat\n"
+    assert _body(s3, queue.bucket, "tasklist.txt") == b"in2.dat\n"
+    assert _keys(s3, queue.bucket, "locks/") == []
+
+
+def test_release_without_error_does_not_count(s3, queue):
+    _seed(s3, queue, ["in1.dat"])
+    lease = tq.claim(s3, queue, "in1.dat", "w1")
+    assert tq.release(s3, queue, lease) == "pending"
+    assert _keys(s3, queue.bucket, "locks/") == []
+    assert tq.claim(s3, queue, "in1.dat", "w2").attempts == 1
+
+
+def test_expired_leases_exhaust_attempts(s3, bucket):
+    queue = tq.Queue(bucket, lease_seconds=1, max_attempts=1)
+    _seed(s3, queue, ["in1.dat"])
+    tq.claim(s3, queue, "in1.dat", "crashed")
+    time.sleep(2.2)
+    with pytest.raises(tq.TaskFinished):
+        tq.claim(s3, queue, "in1.dat", "next")
+    assert "expired" in json.loads(_body(s3, queue.bucket, queue.failed_key("in1.dat")))["reason"]
+
+
+def test_bad_names_are_recorded_not_lost(s3, queue):
+    raw = b"\xef\xbb\xbf# batch 1\r\nin1.dat\r\n../../etc/passwd\r\nin1.dat\r\n\xff\r\n"
+    _seed(s3, queue, ["in1.dat"], tasklist=raw)
+    with pytest.raises(tq.BadTaskName):
+        tq.claim(s3, queue, "../../etc/passwd", "w1")
+    tq.compact(s3, queue, force=True)
+    rejected = _body(s3, queue.bucket, "rejected.txt").decode()
+    assert "../../etc/passwd\tcontains a path separator" in rejected and "not UTF-8" in rejected
+    assert _body(s3, queue.bucket, "tasklist.txt") == b"# batch 1\nin1.dat\n"
+    tq.compact(s3, queue, force=True)
+    assert _body(s3, queue.bucket, "rejected.txt").decode() == rejected  # recorded once
+    assert [key for key in _keys(s3, queue.bucket) if ".." in key] == []
+
+
+def test_row7_concurrent_compactions_and_edits_lose_nothing(emulator, s3, queue):
+    names = [f"in{i}.dat" for i in range(60)]
+    _seed(s3, queue, names)
+    for name in names:
+        s3.put_object(Bucket=queue.bucket, Key=queue.journal_key("completed", name), Body=b"")
+    added = [f"new{i}.dat" for i in range(5)]
+
+    def compact_now() -> None:
+        client = boto3.session.Session().client("s3", endpoint_url=emulator, region_name="us-east-1")
+        tq.compact(client, queue)
+
+    def append_task(name: str) -> None:  # a person adding work while compactions run
+        client = boto3.session.Session().client("s3", endpoint_url=emulator, region_name="us-east-1")
+        for attempt in range(50):
+            found = tq._get(client, queue.bucket, queue.key(tq.TASKLIST))
+            try:
+                client.put_object(Bucket=queue.bucket, Key="tasklist.txt", Body=found[0] + f"{name}\n".encode(),
+                                  IfMatch=found[1])
+                return
+            except client.exceptions.ClientError:
+                tq._backoff(attempt)
+
+    threads = [threading.Thread(target=compact_now) for _ in range(6)]
+    threads += [threading.Thread(target=append_task, args=(name,)) for name in added]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    tq.compact(s3, queue, force=True)
+    completed = _body(s3, queue.bucket, "completed.txt").decode().splitlines()
+    assert sorted(completed) == sorted(names)  # each exactly once
+    assert sorted(_body(s3, queue.bucket, "tasklist.txt").decode().splitlines()) == sorted(added)
+    assert _keys(s3, queue.bucket, "journal/") == []
+
+
+def test_status_shows_owners_and_lease_ages(s3, queue):
+    _seed(s3, queue, ["in1.dat", "in2.dat"])
+    tq.claim(s3, queue, "in1.dat", "w1", instance_id="i-123")
+    status = tq.queue_status(s3, queue)
+    assert status["pending"] == 2 and status["claimed"] == 1 and not status["drained"]
+    claim = status["claims"][0]
+    assert (claim["task"], claim["owner"], claim["instance_id"], claim["expired"]) == ("in1.dat", "w1", "i-123", False)
+    assert 0 <= claim["lease_age_seconds"] < 30
