@@ -17,17 +17,31 @@ log() { printf '==> %s\n' "$*"; }
 
 command -v ansible-test >/dev/null || { echo "ansible-test is not in $root/.venv: run 'make setup' first" >&2; exit 1; }
 
+# Without shellcheck, ansible-test silently skips its shellcheck test on scripts/*.sh.
+if ! command -v shellcheck >/dev/null; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    log "Installing shellcheck (for the shellcheck sanity test)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null
+  else
+    echo "shellcheck is missing: install it (apt-get install shellcheck) so the shellcheck sanity test runs" >&2
+    exit 1
+  fi
+fi
+
 # ansible-test builds each sanity test's virtualenv by running a get-pip.py it downloads from a host
 # that is not reachable here. This stand-in installs pip from the wheel Python ships (ensurepip), then
 # lets that pip install what ansible-test asked for from the package index. ensurepip points
 # PIP_CONFIG_FILE at /dev/null, which would hide the machine's pip configuration (index, wheels,
 # certificates), so it is dropped before pip runs. get-pip.py's own --no-setuptools/--no-wheel are
 # not pip options: they are dropped too.
-pip_version=$(python - <<'PY'
-from ansible_test._internal.python_requirements import get_venv_packages
-from ansible_test._internal.host_configs import NativePythonConfig
+pip_version=$(python - "$python_version" <<'PY'
+import sys
 
-print(get_venv_packages(NativePythonConfig(version="3.11"))["pip"])
+from ansible_test._internal.host_configs import NativePythonConfig
+from ansible_test._internal.python_requirements import get_venv_packages
+
+print(get_venv_packages(NativePythonConfig(version=sys.argv[1]))["pip"])
 PY
 )
 get_pip=$HOME/.ansible/test/cache/get_pip_${pip_version//./_}.py
@@ -106,15 +120,39 @@ PY
 skips=()
 # (none: every test that applies to this collection runs offline with the pip stand-in above)
 
-log "ansible-test sanity --python $python_version --requirements ${skips[*]} $*"
+log "ansible-test sanity --python $python_version --requirements --junit ${skips[*]} $*"
 start=$SECONDS
 status=0
-(cd "$dest" && ansible-test sanity --python "$python_version" --requirements --color no "${skips[@]}" "$@") || status=$?
+(cd "$dest" && ansible-test sanity --python "$python_version" --requirements --junit --color no "${skips[@]}" "$@") || status=$?
 elapsed=$((SECONDS - start))
 
-if [ "$status" -eq 0 ]; then
-  log "Sanity: all tests passed in ${elapsed} s"
-else
-  log "Sanity: FAILED (ansible-test exit $status) in ${elapsed} s; details above and in $dest/tests/output/bot/"
+# One line per test from ansible-test's JUnit reports, then the totals.
+python - "$dest/tests/output/junit" "$elapsed" <<'PY' || true
+import glob
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+junit_dir, elapsed = sys.argv[1:]
+counts = {"passed": 0, "failed": 0, "skipped": 0}
+print(f"==> Sanity summary ({elapsed} s)")
+for path in sorted(glob.glob(os.path.join(junit_dir, "*.xml"))):
+    for case in ET.parse(path).iter("testcase"):
+        failures = case.findall("failure") + case.findall("error")
+        skipped = case.find("skipped")
+        if failures:
+            errors = sum(len((f.text or "").strip().splitlines()) for f in failures)
+            outcome, detail = "failed", f"{errors} error(s)"
+        elif skipped is not None:
+            outcome, detail = "skipped", (skipped.text or skipped.get("message") or "").strip()
+        else:
+            outcome, detail = "passed", ""
+        counts[outcome] += 1
+        print(f"    {outcome:8} {case.get('name')}" + (f"  ({detail})" if detail else ""))
+print("Sanity: {passed} passed, {failed} failed, {skipped} skipped".format(**counts))
+PY
+
+if [ "$status" -ne 0 ]; then
+  log "Sanity FAILED (ansible-test exit $status): the errors are listed above, and in $dest/tests/output/bot/"
 fi
 exit "$status"

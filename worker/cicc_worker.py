@@ -154,10 +154,10 @@ class Heartbeat(threading.Thread):
         super().__init__(daemon=True)
         self.client, self.queue, self.lease = client, queue, lease
         self.lost = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.lease.lease_seconds / 4):
+        while not self._halt.wait(self.lease.lease_seconds / 4):
             try:
                 task_queue.renew(self.client, self.queue, self.lease)
             except task_queue.LeaseLost as error:
@@ -168,8 +168,10 @@ class Heartbeat(threading.Thread):
                 LOG.warning("heartbeat for %s failed, retrying: %s", self.lease.name, error)
 
     def stop(self) -> None:
-        self._stop.set()
-        self.join()
+        """Stop renewing (idempotent)."""
+        self._halt.set()
+        if self.is_alive():
+            self.join()
 
 
 class Worker:
@@ -236,16 +238,15 @@ class Worker:
             self.failed.append(name)
             LOG.error("failed %s for good: %s", name, error)
         except TaskError as error:
-            heartbeat.stop()
+            heartbeat.stop()  # release rewrites the lock itself
             state = task_queue.release(self.client, self.queue, lease, str(error))
             if state == "failed":
                 self.failed.append(name)
             LOG.error("attempt %d at %s failed (%s): %s", lease.attempts, name, state, error)
         except task_queue.LeaseLost as error:
-            heartbeat.stop()
             LOG.warning("%s: not publishing, moving on", error)
         finally:
-            heartbeat.stop() if heartbeat.is_alive() else None
+            heartbeat.stop()
             shutil.rmtree(task_dir, ignore_errors=True)
 
     def _task_dir(self, name: str) -> Path:

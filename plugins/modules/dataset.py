@@ -22,7 +22,9 @@ description:
     C(If-None-Match) and replaced ones with C(If-Match) on the ETag seen, so a concurrent writer is never
     overwritten blindly either.
   - The two lists are written last, so no task is advertised before its input exists.
-  - The bucket must exist; create it with M(amazon.aws.s3_bucket).
+  - The bucket must exist; create it with M(amazon.aws.s3_bucket). In check mode a missing bucket is taken as one
+    an earlier task would create, so every object would be written. With O(state=absent) a missing bucket holds
+    nothing to delete.
 author:
   - cicc.cloud developers
 options:

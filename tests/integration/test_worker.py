@@ -1,0 +1,215 @@
+"""The worker on the real emulator: the seed scenario with the real processing container, many
+workers at once, and fault-matrix rows 2, 4, 9 and 12 plus the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ansible_collections.cicc.cloud.plugins.module_utils import dataset
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _body(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return keys
+
+
+def _upload(s3, bucket: str, objects: dict[str, bytes]) -> None:
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def _expected(s3, bucket: str, name: str) -> bytes:
+    data = np.frombuffer(_body(s3, bucket, name), dtype=np.uint8)
+    kernel = np.frombuffer(_body(s3, bucket, "kernel.dat"), dtype=np.uint8)
+    return (data ^ np.resize(kernel, data.size)).tobytes()
+
+
+def _run_all(workers) -> list[int]:
+    codes: list[int] = [None] * len(workers)
+
+    def run(index: int) -> None:
+        codes[index] = workers[index].run()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    return codes
+
+
+def _assert_drained(s3, bucket: str, done: list[str]) -> None:
+    assert _body(s3, bucket, "tasklist.txt").strip() == b""
+    completed = _body(s3, bucket, "completed.txt").decode().splitlines()
+    assert sorted(completed) == sorted(done) and len(set(completed)) == len(completed)
+    assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "journal/") == []
+
+
+@pytest.fixture(scope="module")
+def process_image():
+    subprocess.run([str(ROOT / "scripts" / "process-image.sh")], check=True)
+    return os.environ.get("CICC_PROCESS_IMAGE", "cicc-process:latest")
+
+
+def test_seed_scenario_three_workers_with_the_processing_container(
+    s3, bucket, make_worker, worker_module, docker_client, process_image
+):
+    seed = dataset.build_dataset(seed=121325)
+    _upload(s3, bucket, seed)
+    runner = worker_module.DockerRunner(process_image)
+    workers = [make_worker(runner, owner=f"i-seed{i}") for i in range(3)]
+    assert _run_all(workers) == [0, 0, 0]
+
+    for i in range(10):
+        assert _body(s3, bucket, f"out{i}.dat") == _expected(s3, bucket, f"in{i}.dat"), f"out{i}.dat"
+    for i in range(3):
+        assert _body(s3, bucket, f"out{i}.dat") == seed[f"out{i}.dat"]  # untouched
+    _assert_drained(s3, bucket, [f"in{i}.dat" for i in range(10)])
+    assert sorted(sum((w.done for w in workers), [])) == [f"in{i}.dat" for i in range(3, 10)]
+    assert not docker_client.containers.list(all=True, filters={"label": "cicc.task"})
+
+
+def test_sixteen_workers_on_500_tasks_do_each_exactly_once(s3, bucket, make_worker, inline_runner):
+    names = [f"in{i:03d}.dat" for i in range(500)]
+    _upload(s3, bucket, {name: os.urandom(64) for name in names})
+    _upload(s3, bucket, {"kernel.dat": os.urandom(8), "tasklist.txt": tq._lines(names)})
+    workers = [make_worker(inline_runner, owner=f"w{i}") for i in range(16)]
+    assert _run_all(workers) == [0] * 16
+
+    assert sorted(inline_runner.runs) == names  # processed once each, never twice
+    assert sorted(sum((w.done for w in workers), [])) == names
+    _assert_drained(s3, bucket, names)
+    outputs = [key for key in _keys(s3, bucket) if key.startswith("out")]
+    assert len(outputs) == 500
+
+
+def test_row2_killed_after_claiming_is_taken_over_once(s3, bucket, make_worker, inline_runner):
+    _upload(s3, bucket, {"in1.dat": b"abcd", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\n"})
+    queue = tq.Queue(bucket, lease_seconds=2)
+    tq.claim(s3, queue, "in1.dat", "killed")  # and then nothing: the worker died
+    workers = [make_worker(inline_runner, owner=f"w{i}", lease_seconds=2) for i in range(3)]
+    assert _run_all(workers) == [0, 0, 0]
+    assert inline_runner.runs == ["in1.dat"]
+    _assert_drained(s3, bucket, ["in1.dat"])
+
+
+def _slow_program(tmp_path: Path, seconds: float) -> str:
+    program = tmp_path / "slow_process.py"
+    program.write_text(
+        textwrap.dedent(
+            f"""
+            import runpy, sys, time
+            time.sleep({seconds})
+            sys.argv[0] = {str(ROOT / "container" / "process.py")!r}
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            """
+        )
+    )
+    return str(program)
+
+
+def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, emulator, tmp_path, make_worker, worker_module):
+    _upload(s3, bucket, {"in1.dat": os.urandom(100), "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
+    argv = [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--bucket", bucket, "--endpoint-url", emulator]
+    argv += ["--workdir", str(tmp_path / "paused"), "--lease-seconds", "2", "--instance-id", "i-paused"]
+    argv += ["--runner", "process", "--program", _slow_program(tmp_path, 1.5)]
+    paused = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT / ".collections")})
+    deadline = time.monotonic() + 30
+    while not _keys(s3, bucket, "locks/"):
+        assert time.monotonic() < deadline and paused.poll() is None
+        time.sleep(0.05)
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # past the lease: the next worker takes the task over and finishes it
+        rescuer = make_worker(worker_module.ProcessRunner(str(ROOT / "container" / "process.py")), lease_seconds=2)
+        assert rescuer.run() == 0 and rescuer.done == ["in1.dat"]
+        published = s3.head_object(Bucket=bucket, Key="out1.dat")["ETag"]
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    assert paused.wait(60) == 0
+    log = (tmp_path / "paused" / "log.txt").read_text()
+    assert "lost" in log and "completed in1.dat" not in log
+    assert s3.head_object(Bucket=bucket, Key="out1.dat")["ETag"] == published
+    _assert_drained(s3, bucket, ["in1.dat"])
+
+
+@pytest.mark.parametrize(
+    "program, reason",
+    [
+        ("import sys; sys.exit(9)", "exited with code 9"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "exited with code -9"),
+        ("import time; time.sleep(30)", "timed out"),
+        ("print('done, honestly')", "without a SUCCESS report"),
+    ],
+    ids=["non-zero", "killed", "timeout", "no-report"],
+)
+def test_row9_failing_processing_counts_attempts_then_fails(s3, bucket, tmp_path, make_worker, worker_module,
+                                                            program, reason):
+    _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    script = tmp_path / "broken.py"
+    script.write_text(program)
+    worker = make_worker(worker_module.ProcessRunner(str(script)), max_attempts=2, task_timeout=1)
+    assert worker.run() == 0
+    assert sorted(worker.failed) == ["in1.dat", "in2.dat"]
+    record = json.loads(_body(s3, bucket, "failed/in1.dat.json"))
+    assert record["attempts"] == 2 and reason in record["reason"]
+    assert sorted(_body(s3, bucket, "failed.txt").decode().split()) == ["in1.dat", "in2.dat"]
+    assert _body(s3, bucket, "tasklist.txt") == b""
+    assert [key for key in _keys(s3, bucket) if key.startswith("out")] == []
+    assert _keys(s3, bucket, "locks/") == []
+
+
+def test_row12_empty_or_finished_queue_every_worker_exits(s3, bucket, make_worker, inline_runner):
+    _upload(s3, bucket, {"kernel.dat": b"k", "tasklist.txt": b""})
+    assert _run_all([make_worker(inline_runner, owner=f"w{i}") for i in range(3)]) == [0, 0, 0]
+    _upload(s3, bucket, {"in1.dat": b"a", "out1.dat": b"done before", "tasklist.txt": b"in1.dat\n"})
+    assert _run_all([make_worker(inline_runner, owner=f"w{i}") for i in range(3)]) == [0, 0, 0]
+    assert inline_runner.runs == []
+    _assert_drained(s3, bucket, ["in1.dat"])
+    assert _body(s3, bucket, "out1.dat") == b"done before"
+
+
+def test_bad_inputs_are_recorded_and_lose_nothing(s3, bucket, make_worker, inline_runner, worker_module, monkeypatch):
+    tasklist = b"\xef\xbb\xbfin1.dat\r\nmissing.dat\r\n../escape.dat\r\nhuge.dat \r\nempty.dat\nin1.dat"
+    _upload(s3, bucket, {"in1.dat": b"abc", "huge.dat": b"x" * 4096, "empty.dat": b"", "kernel.dat": b"kk"})
+    _upload(s3, bucket, {"tasklist.txt": tasklist})
+    real_usage = worker_module.shutil.disk_usage
+    monkeypatch.setattr(worker_module.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=3000))
+    worker = make_worker(inline_runner)
+    assert worker.run() == 0
+    assert sorted(worker.done) == ["empty.dat", "in1.dat"]
+    assert _body(s3, bucket, "out_empty.dat") == b""
+    assert "is missing" in json.loads(_body(s3, bucket, "failed/missing.dat.json"))["reason"]
+    assert "local disk allows" in json.loads(_body(s3, bucket, "failed/huge.dat.json"))["reason"]
+    assert "../escape.dat\tcontains a path separator" in _body(s3, bucket, "rejected.txt").decode()
+    assert _body(s3, bucket, "tasklist.txt") == b""
+    assert not list((Path(worker.settings.workdir)).glob("**/escape.dat"))
+
+
+@pytest.mark.parametrize("kernel", [None, b""], ids=["missing", "empty"])
+def test_unusable_kernel_claims_nothing(s3, bucket, make_worker, inline_runner, kernel):
+    _upload(s3, bucket, {"in1.dat": b"abc", "tasklist.txt": b"in1.dat\n"})
+    if kernel is not None:
+        _upload(s3, bucket, {"kernel.dat": kernel})
+    assert make_worker(inline_runner).run() == 2
+    assert _keys(s3, bucket, "locks/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\n"
