@@ -3,7 +3,7 @@
 
 For each size it prints
 - the throughput of ``xor_with_kernel`` (in place, 1,000-byte kernel) and of ``np.copyto`` of a
-  buffer of the same size, measured side by side in this run (best of several repeats), and their
+  buffer of the same size, measured side by side in this run (best of many short rounds), and their
   ratio (target >= 0.9: the XOR runs at about memory bandwidth);
 - the peak resident memory of a full ``process.py`` run in a fresh interpreter, raw and net of the
   baseline of ``python -c "import numpy"`` measured the same way, as a multiple of the input size
@@ -55,14 +55,11 @@ def parse_sizes(text: str) -> list[int]:
     return [parse_size(part) for part in text.split(",") if part.strip()]
 
 
-def _best_seconds(action: Callable[[], object], calls: int, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            action()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
+def _seconds_per_call(action: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        action()
+    return (time.perf_counter() - start) / calls
 
 
 def measure_throughput(xor: Callable, size: int, repeats: int) -> tuple[float, float]:
@@ -72,12 +69,14 @@ def measure_throughput(xor: Callable, size: int, repeats: int) -> tuple[float, f
     source = data.copy()
     target = np.empty_like(data)
     kernel = rng.integers(0, 256, KERNEL_BYTES, dtype=np.uint8)
-    # Small buffers are timed in batches so the timer's resolution does not count.
-    calls = max(1, 200_000_000 // max(size, 1))
+    # Small buffers are timed in batches of ~20 MB so the timer's resolution does not count, and in
+    # many short rounds so that, on a shared machine, some rounds run without being preempted.
+    calls = max(1, 20_000_000 // max(size, 1))
+    rounds = repeats * max(1, min(32, 64_000_000 // max(size, 1)))
     xor_best = copy_best = float("inf")
-    for _ in range(repeats):
-        xor_best = min(xor_best, _best_seconds(lambda: xor(data, kernel), calls, 1))
-        copy_best = min(copy_best, _best_seconds(lambda: np.copyto(target, source), calls, 1))
+    for _ in range(rounds):
+        xor_best = min(xor_best, _seconds_per_call(lambda: xor(data, kernel), calls))
+        copy_best = min(copy_best, _seconds_per_call(lambda: np.copyto(target, source), calls))
     return size / xor_best, size / copy_best
 
 
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     xor = _load_process().xor_with_kernel
 
-    print(f"process.py XOR vs numpy copy, kernel {KERNEL_BYTES} bytes, best of {args.repeats}")
+    print(f"process.py XOR vs numpy copy, kernel {KERNEL_BYTES} bytes, best of at least {args.repeats} rounds")
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {os.cpu_count()} CPUs")
     header = (
         f"{'size':>8} | {'xor GB/s':>8} | {'copy GB/s':>9} | {'xor/copy':>8} | {'peak RSS':>10} | "

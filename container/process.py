@@ -6,8 +6,9 @@ Usage (inside the processing container, the data directory is bind-mounted at /d
     process.py --data /data --input in3.dat --kernel kernel.dat --output out3.dat
 
 The three names are plain file names inside the data directory; a name that is empty, is ``.``,
-contains ``/``, ``\\``, ``..``, NUL or another control character (C0, DEL, C1), or is longer than 200 bytes is
-refused as a usage error, so no name can reach a file outside the data directory.
+contains ``/``, ``\\``, ``..``, NUL or another control character (C0, DEL, C1), or is longer than
+200 bytes is refused as a usage error, so no name can reach a file outside the data directory.
+The output name must differ from the input and kernel names.
 
 Tiling rule: the kernel is repeated along the input and its last repetition is truncated, i.e.
 ``output[i] = input[i] ^ kernel[i % len(kernel)]``. So an input whose length is not a multiple of
@@ -23,7 +24,7 @@ behind (never under the output name).
 Exit codes (one stdout line ``SUCCESS ...`` on success, one stderr line otherwise):
 0 success, 2 usage or bad name, 3 input missing, 4 kernel missing, 5 kernel empty,
 6 input or kernel unreadable (permission, I/O error, directory, changed while read, no memory),
-7 output cannot be written, 143 stopped by SIGTERM (nothing written).
+7 output cannot be written, 143 stopped by SIGTERM (``docker stop``) before completing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import argparse
 import os
 import signal
 import sys
-import tempfile
 from types import FrameType
 from typing import BinaryIO, NoReturn
 
@@ -148,18 +148,30 @@ def _read_all(handle: BinaryIO, path: str, role: str) -> np.ndarray:
     return data
 
 
+def _create_temp(directory: str, name: str) -> tuple[int, str]:
+    """Create a new hidden file next to the output, with the mode any new file gets (0666 less umask).
+
+    Plain os.open rather than tempfile.mkstemp, which forces mode 0600 on what becomes the output."""
+    attempts = 100
+    while True:
+        path = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.tmp")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), path
+        except FileExistsError:
+            attempts -= 1
+            if not attempts:
+                raise
+
+
 def _write_atomically(data: np.ndarray, directory: str, name: str) -> None:
     """Publish ``data`` under ``directory/name`` whole or not at all."""
-    umask = os.umask(0)
-    os.umask(umask)
     target = os.path.join(directory, name)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        fd, tmp = _create_temp(directory, name)
         with open(fd, "wb") as out:
             out.write(memoryview(data))
             out.flush()
-            os.fchmod(out.fileno(), 0o666 & ~umask)
             os.fsync(out.fileno())
         os.replace(tmp, target)
         tmp = None

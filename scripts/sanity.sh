@@ -66,20 +66,21 @@ log "Copying the collection to $dest"
 rm -rf "$root/.build/ansible_collections"
 mkdir -p "$dest"
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  # A file deleted from the work tree but still in the index is listed too: skip it.
+  # A file deleted from the work tree but still in the index is listed too: skip it (and one that
+  # vanishes between the listing and the copy, such as an editor's temporary file).
   git ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' file; do
       if [ -e "$file" ] || [ -L "$file" ]; then printf '%s\0' "$file"; fi
     done |
-    tar --null --no-recursion -T - -cf - | tar -C "$dest" -xf -
-  # ansible-test lists a collection's files with git when it finds a .git directory up the tree, and
-  # .build/ is ignored by this repository's git: give the copy its own (empty) repository, so that
-  # every file of the copy counts, with the same .gitignore rules.
-  git init -q "$dest"
+    tar --null --no-recursion --ignore-failed-read -T - -cf - | tar -C "$dest" -xf -
 else
   tar --exclude=./.git --exclude=./.venv --exclude=./.collections --exclude=./.build --exclude=./tests/output \
     -cf - . | tar -C "$dest" -xf -
 fi
+# ansible-test lists a collection's files with git when it finds a .git directory up the tree, and
+# .build/ is ignored by this repository's git: give the copy its own (empty) repository, so that
+# every file of the copy counts, with the same .gitignore rules.
+if command -v git >/dev/null; then git init -q "$dest"; fi
 
 # The collections named in galaxy.yml's dependencies, and theirs, linked from the ansible package, so
 # that doc fragments, module_utils and action groups of amazon.aws and others resolve.
@@ -116,9 +117,9 @@ while pending:
 print("==> Dependencies linked: " + ", ".join(sorted(seen)))
 PY
 
-# Only tests that cannot run here at all are skipped, each with its reason:
+# `--skip-test NAME` for a test that cannot run here at all, each with its reason. None so far: with
+# the pip stand-in above, every test that applies to the collection runs offline.
 skips=()
-# (none: every test that applies to this collection runs offline with the pip stand-in above)
 
 log "ansible-test sanity --python $python_version --requirements --junit ${skips[*]} $*"
 start=$SECONDS
@@ -135,8 +136,11 @@ import xml.etree.ElementTree as ET
 
 junit_dir, elapsed = sys.argv[1:]
 counts = {"passed": 0, "failed": 0, "skipped": 0}
+reports = sorted(glob.glob(os.path.join(junit_dir, "*.xml")))
+if not reports:
+    sys.exit(f"==> No sanity test reported a result ({elapsed} s): ansible-test stopped before running them")
 print(f"==> Sanity summary ({elapsed} s)")
-for path in sorted(glob.glob(os.path.join(junit_dir, "*.xml"))):
+for path in reports:
     for case in ET.parse(path).iter("testcase"):
         failures = case.findall("failure") + case.findall("error")
         skipped = case.find("skipped")

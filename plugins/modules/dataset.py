@@ -26,7 +26,7 @@ description:
     an earlier task would create, so every object would be written. With O(state=absent) a missing bucket holds
     nothing to delete.
 author:
-  - cicc.cloud developers
+  - cicc.cloud developers (!UNKNOWN)
 options:
   bucket:
     description:
@@ -68,6 +68,8 @@ options:
     description:
       - V(present) writes the data set; V(absent) deletes the data set's keys, whatever their content (the lists
         change as the pipeline runs). Other keys under O(prefix), such as outputs the pipeline produced, are left.
+      - With V(absent) the keys are those of the data set that O(inputs) and O(done) describe, so give the values
+        it was written with.
     default: present
     choices: [present, absent]
     type: str
@@ -179,7 +181,8 @@ import base64
 import hashlib
 
 try:
-    import botocore
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
 except ImportError:
     pass  # handled by AnsibleAWSModule
 
@@ -194,6 +197,7 @@ from ansible_collections.cicc.cloud.plugins.module_utils.dataset import task_nam
 
 _MISSING = ["404", "NoSuchKey", "NotFound"]
 _PRECONDITION = ["412", "PreconditionFailed"]
+_SHAPE = ("inputs", "input_size", "kernel_size", "done", "seed")
 
 
 def _md5(body):
@@ -246,7 +250,7 @@ def bucket_exists(client, module):
         client.head_bucket(Bucket=bucket, aws_retry=True)
     except is_boto3_error_code(_MISSING):
         return False
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:  # pylint: disable=duplicate-except
+    except (BotoCoreError, ClientError) as e:  # pylint: disable=duplicate-except
         module.fail_json_aws(e, msg=f"Couldn't access bucket {bucket}")
     return True
 
@@ -256,7 +260,7 @@ def ensure_present(client, module, bucket_found):
     bucket, prefix = params["bucket"], params["prefix"]
     if not bucket_found and not module.check_mode:
         module.fail_json(msg=f"Couldn't find bucket {bucket}: create it first (amazon.aws.s3_bucket)")
-    wanted = build_dataset(params["inputs"], params["input_size"], params["kernel_size"], params["done"], params["seed"])
+    wanted = build_dataset(**{name: params[name] for name in _SHAPE})
 
     to_write, conflicts = [], []
     for name, body in wanted.items():
@@ -269,7 +273,7 @@ def ensure_present(client, module, bucket_found):
             elif not _holds(client, bucket, key, found, body):
                 conflicts.append(key)
                 to_write.append((key, body, found))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except (BotoCoreError, ClientError) as e:
             module.fail_json_aws(e, msg=f"Couldn't read s3://{bucket}/{key}")
 
     result = _summary(params, list(wanted))
@@ -296,7 +300,7 @@ def ensure_present(client, module, bucket_found):
                         "written, and it was not overwritten; run again to see what it holds"
                     ),
                 )
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:  # pylint: disable=duplicate-except
+            except (BotoCoreError, ClientError) as e:  # pylint: disable=duplicate-except
                 module.fail_json_aws(e, msg=f"Couldn't write s3://{bucket}/{key}")
     module.exit_json(changed=bool(to_write), dataset=result)
 
@@ -313,14 +317,14 @@ def ensure_absent(client, module, bucket_found):
             # No bucket, no data set: nothing to delete.
             if bucket_found and _head(client, bucket, key) is not None:
                 to_delete.append(key)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        except (BotoCoreError, ClientError) as e:
             module.fail_json_aws(e, msg=f"Couldn't read s3://{bucket}/{key}")
 
     if not module.check_mode:
         for key in to_delete:
             try:
                 client.delete_object(Bucket=bucket, Key=key, aws_retry=True)
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            except (BotoCoreError, ClientError) as e:
                 module.fail_json_aws(e, msg=f"Couldn't delete s3://{bucket}/{key}")
     module.exit_json(changed=bool(to_delete), dataset=dict(_summary(params, names), deleted=to_delete))
 
@@ -342,7 +346,7 @@ def main():
 
     params = module.params
     try:
-        check_arguments(params["inputs"], params["input_size"], params["kernel_size"], params["done"], params["seed"])
+        check_arguments(**{name: params[name] for name in _SHAPE})
     except ValueError as e:
         module.fail_json(msg=str(e))
 

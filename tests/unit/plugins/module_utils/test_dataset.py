@@ -166,7 +166,7 @@ def test_xor_tiled_refuses_an_empty_kernel() -> None:
 def test_outputs_match_the_processing_step(tmp_path: Path) -> None:
     """The seed's outputs are what container/process.py would write for the same input and kernel."""
     pytest.importorskip("numpy")
-    spec = importlib.util.spec_from_file_location("cicc_container_process_for_dataset", ROOT / "container" / "process.py")
+    spec = importlib.util.spec_from_file_location("cicc_dataset_process", ROOT / "container" / "process.py")
     process = importlib.util.module_from_spec(spec)
     saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:

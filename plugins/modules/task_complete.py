@@ -1,0 +1,217 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+
+# Copyright: cicc.cloud contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: task_complete
+version_added: 0.1.0
+short_description: Mark a claimed task of the cicc.cloud S3 work queue completed
+description:
+  - Records a task claimed with M(cicc.cloud.task_claim) as completed (a journal entry that
+    M(cicc.cloud.task_info) with O(cicc.cloud.task_info#module:compact=true) or the workers fold into
+    C(completed.txt)), then deletes its lock if the lease is still the one O(etag) names.
+  - The task's output (C(in3.dat) gives C(out3.dat), other names C(out_<name>)) must exist in the bucket first.
+    Without it the module fails and nothing is written.
+  - Completing a task that is already recorded completed and whose lock is gone changes nothing.
+  - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
+    adapts it.
+author:
+  - cicc.cloud developers
+options:
+  bucket:
+    description:
+      - Name of the S3 bucket that holds the queue.
+    required: true
+    type: str
+  prefix:
+    description:
+      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
+    default: ""
+    type: str
+  lease_seconds:
+    description:
+      - Length of the lease in seconds, as given to M(cicc.cloud.task_claim).
+    default: 120
+    type: int
+  max_attempts:
+    description:
+      - Number of attempts a task gets, as given to M(cicc.cloud.task_claim).
+    default: 3
+    type: int
+  name:
+    description:
+      - Name of the claimed task (RV(cicc.cloud.task_claim#module:task.name)).
+    required: true
+    type: str
+  owner:
+    description:
+      - Owner of the lease (RV(cicc.cloud.task_claim#module:task.owner)).
+    required: true
+    type: str
+  token:
+    description:
+      - Token of the claim (RV(cicc.cloud.task_claim#module:task.token)).
+    required: true
+    type: str
+  etag:
+    description:
+      - ETag of the lock (RV(cicc.cloud.task_claim#module:task.etag)). The lock is deleted only while it still
+        has this ETag, so a lease that was lost never deletes another owner's lock.
+    required: true
+    type: str
+  attempts:
+    description:
+      - Attempt number of the claim (RV(cicc.cloud.task_claim#module:task.attempts)).
+    default: 1
+    type: int
+extends_documentation_fragment:
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: none
+  idempotent:
+    description:
+      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
+      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
+    support: full
+  action_group:
+    description: Use C(group/cicc.cloud.aws) in C(module_defaults) to set defaults for this module.
+    support: full
+    membership:
+      - cicc.cloud.aws
+seealso:
+  - module: cicc.cloud.task_claim
+  - module: cicc.cloud.task_release
+  - module: cicc.cloud.task_info
+"""
+
+EXAMPLES = r"""
+- name: Claim the next task
+  cicc.cloud.task_claim:
+    bucket: cicc-demo-bucket
+    owner: operator
+  register: claim
+
+- name: Complete it once its output is uploaded
+  cicc.cloud.task_complete:
+    bucket: cicc-demo-bucket
+    name: "{{ claim.task.name }}"
+    owner: "{{ claim.task.owner }}"
+    token: "{{ claim.task.token }}"
+    etag: "{{ claim.task.etag }}"
+    attempts: "{{ claim.task.attempts }}"
+  when: claim.claimed
+"""
+
+RETURN = r"""
+task:
+  description: The completed task.
+  returned: success
+  type: dict
+  contains:
+    name:
+      description: Name of the task.
+      type: str
+      returned: success
+      sample: in3.dat
+    state:
+      description: State of the task, always V(completed).
+      type: str
+      returned: success
+      sample: completed
+    output:
+      description: Key of the task's output in the bucket.
+      type: str
+      returned: success
+      sample: out3.dat
+"""
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:
+    pass  # handled by AnsibleAWSModule
+
+from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+
+_MISSING = ["404", "NoSuchKey", "NotFound"]
+
+
+def _exists(client, bucket, key):
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except is_boto3_error_code(_MISSING):
+        return False
+    return True
+
+
+def already_completed(client, queue, name):
+    """Recorded completed (in the journal or in completed.txt) with its lock gone: nothing left to do."""
+    if _exists(client, queue.bucket, queue.lock_key(name)):
+        return False
+    if _exists(client, queue.bucket, queue.journal_key("completed", name)):
+        return True
+    try:
+        listed = client.get_object(Bucket=queue.bucket, Key=queue.key(task_queue.COMPLETED))["Body"].read()
+    except is_boto3_error_code(_MISSING):
+        return False
+    return name in task_queue.parse_tasklist(listed).names
+
+
+def main():
+    argument_spec = dict(
+        bucket=dict(type="str", required=True),
+        prefix=dict(type="str", default=""),
+        lease_seconds=dict(type="int", default=120),
+        max_attempts=dict(type="int", default=3),
+        name=dict(type="str", required=True),
+        owner=dict(type="str", required=True),
+        token=dict(type="str", required=True, no_log=False),
+        etag=dict(type="str", required=True),
+        attempts=dict(type="int", default=1),
+    )
+
+    module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
+
+    params = module.params
+    queue = task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
+    lease = task_queue.Lease(
+        params["name"], params["owner"], params["token"], params["etag"], params["attempts"], "", queue.lease_seconds
+    )
+    client = module.client("s3")
+
+    try:
+        task_queue.check_name(lease.name)
+        task = {"name": lease.name, "state": "completed", "output": queue.output_key(lease.name)}
+        if already_completed(client, queue, lease.name):
+            module.exit_json(changed=False, task=task)
+        if module.check_mode:
+            if not _exists(client, queue.bucket, queue.output_key(lease.name)):
+                module.fail_json(msg=f"task {lease.name} has no output {queue.output_key(lease.name)}; publish it first")
+        else:
+            task_queue.complete(client, queue, lease)
+    except task_queue.QueueError as e:
+        module.fail_json(msg=str(e))
+    except (BotoCoreError, ClientError) as e:
+        module.fail_json_aws(e, msg=f"Couldn't complete task {lease.name} in s3://{queue.bucket}/{queue.prefix}")
+    module.exit_json(changed=True, task=task)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+
+# Copyright: cicc.cloud contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: task_info
+version_added: 0.1.0
+short_description: Show the state of the cicc.cloud S3 work queue
+description:
+  - Reads the work queue kept under O(prefix) in O(bucket) - C(tasklist.txt), the lists of finished tasks, the
+    journal of tasks finished since the last compaction and the locks - and returns its state as RV(queue) -
+    what is pending, who holds what and for how long, what is completed or failed.
+  - Finished tasks are counted as soon as they are journaled, so the counts are exact at any time.
+  - With O(compact=true) the journal is first folded into C(completed.txt) and C(failed.txt), finished names and
+    lines that are not task names are taken out of C(tasklist.txt) (the latter recorded in C(rejected.txt)), as the
+    workers do when the queue is drained. Only then does the module write.
+  - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
+    adapts it.
+author:
+  - cicc.cloud developers
+options:
+  bucket:
+    description:
+      - Name of the S3 bucket that holds the queue.
+    required: true
+    type: str
+  prefix:
+    description:
+      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
+    default: ""
+    type: str
+  lease_seconds:
+    description:
+      - Length of a lease in seconds, for locks that do not record their own.
+    default: 120
+    type: int
+  max_attempts:
+    description:
+      - Number of attempts a task gets, as given to M(cicc.cloud.task_claim).
+    default: 3
+    type: int
+  compact:
+    description:
+      - Fold the journal into the lists before reading the queue. This writes to the bucket (not in check mode).
+    default: false
+    type: bool
+extends_documentation_fragment:
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+    details:
+      - With O(compact=true) in check mode, the module reports whether compaction would change anything and
+        returns the queue as it is.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: none
+  idempotent:
+    description:
+      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
+      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
+    support: full
+  action_group:
+    description: Use C(group/cicc.cloud.aws) in C(module_defaults) to set defaults for this module.
+    support: full
+    membership:
+      - cicc.cloud.aws
+seealso:
+  - module: cicc.cloud.task_claim
+  - module: cicc.cloud.task_complete
+  - module: cicc.cloud.task_release
+"""
+
+EXAMPLES = r"""
+- name: Show the progress of the queue
+  cicc.cloud.task_info:
+    bucket: cicc-demo-bucket
+  register: status
+
+- name: Fold the journal into the lists, then show the queue
+  cicc.cloud.task_info:
+    bucket: cicc-demo-bucket
+    compact: true
+  register: status
+
+- name: Wait until every task is finished
+  cicc.cloud.task_info:
+    bucket: cicc-demo-bucket
+  register: status
+  until: status.queue.drained
+  retries: 60
+  delay: 10
+"""
+
+RETURN = r"""
+queue:
+  description: The state of the queue.
+  returned: always
+  type: dict
+  contains:
+    pending:
+      description: Number of tasks still to do (claimed ones included).
+      type: int
+      returned: always
+      sample: 4
+    pending_tasks:
+      description: Names of the tasks still to do, in C(tasklist.txt) order.
+      type: list
+      elements: str
+      returned: always
+      sample: ["in6.dat", "in7.dat", "in8.dat", "in9.dat"]
+    claimed:
+      description: Number of locks.
+      type: int
+      returned: always
+      sample: 1
+    claims:
+      description: The locks, one per claimed task.
+      type: list
+      elements: dict
+      returned: always
+      contains:
+        task:
+          description: Name of the task.
+          type: str
+          returned: always
+          sample: in6.dat
+        owner:
+          description: Owner of the lease.
+          type: str
+          returned: always
+          sample: worker-1
+        instance_id:
+          description: Instance id the claim recorded.
+          type: str
+          returned: always
+          sample: i-0123456789abcdef0
+        attempts:
+          description: Attempt number of the claim.
+          type: int
+          returned: always
+          sample: 1
+        lease_age_seconds:
+          description: Seconds since the lock was last written, by S3's clock.
+          type: float
+          returned: always
+          sample: 12.0
+        expired:
+          description: Whether the lease expired, so that another claim may take the task over.
+          type: bool
+          returned: always
+          sample: false
+    completed:
+      description: Number of tasks completed.
+      type: int
+      returned: always
+      sample: 5
+    failed:
+      description: Number of tasks recorded failed.
+      type: int
+      returned: always
+      sample: 1
+    failed_tasks:
+      description: Names of the tasks recorded failed, sorted.
+      type: list
+      elements: str
+      returned: always
+      sample: ["in5.dat"]
+    rejected:
+      description: Lines of C(tasklist.txt) that are not task names, with the reason.
+      type: list
+      elements: dict
+      returned: always
+      contains:
+        line:
+          description: The line, without surrounding spaces.
+          type: str
+          returned: always
+          sample: ../etc/passwd
+        reason:
+          description: Why it is not a task name.
+          type: str
+          returned: always
+          sample: contains a path separator; task names are plain object names in the queue prefix
+    journaled:
+      description: Number of finished tasks not yet folded into the lists.
+      type: int
+      returned: always
+      sample: 0
+    drained:
+      description: Whether nothing is pending or claimed any more.
+      type: bool
+      returned: always
+      sample: false
+compacted:
+  description: What the compaction moved into the lists.
+  returned: when O(compact=true), outside check mode
+  type: dict
+  contains:
+    completed:
+      description: Names added to C(completed.txt).
+      type: int
+      returned: always
+      sample: 3
+    failed:
+      description: Names added to C(failed.txt).
+      type: int
+      returned: always
+      sample: 0
+    rejected:
+      description: Lines of C(tasklist.txt) that are not task names, moved to C(rejected.txt).
+      type: int
+      returned: always
+      sample: 0
+"""
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:
+    pass  # handled by AnsibleAWSModule
+
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+
+
+def compact(client, queue, status):
+    """Fold the journal; returns (changed, what moved). Any journal entry or rejected line means a write: the
+    entry is deleted once folded, the line moved out of the tasklist."""
+    moved = task_queue.compact(client, queue, force=True)
+    counts = {state: moved[state] for state in ("completed", "failed", "rejected")}
+    return bool(status["journaled"] or status["rejected"] or any(counts.values())), counts
+
+
+def main():
+    argument_spec = dict(
+        bucket=dict(type="str", required=True),
+        prefix=dict(type="str", default=""),
+        lease_seconds=dict(type="int", default=120),
+        max_attempts=dict(type="int", default=3),
+        compact=dict(type="bool", default=False),
+    )
+
+    module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
+
+    params = module.params
+    queue = task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
+    client = module.client("s3")
+
+    result = {"changed": False}
+    try:
+        status = task_queue.queue_status(client, queue)
+        if params["compact"] and module.check_mode:
+            result["changed"] = bool(status["journaled"] or status["rejected"])
+        elif params["compact"]:
+            result["changed"], result["compacted"] = compact(client, queue, status)
+            if result["changed"]:
+                status = task_queue.queue_status(client, queue)
+    except task_queue.QueueError as e:
+        module.fail_json(msg=str(e))
+    except (BotoCoreError, ClientError) as e:
+        module.fail_json_aws(e, msg=f"Couldn't read the queue in s3://{queue.bucket}/{queue.prefix}")
+    module.exit_json(queue=status, **result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+
+# Copyright: cicc.cloud contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: task_release
+version_added: 0.1.0
+short_description: Give back a claimed task of the cicc.cloud S3 work queue, or record it failed
+description:
+  - Gives back a task claimed with M(cicc.cloud.task_claim), so that the next claim takes it.
+  - Without O(error) the attempt does not count (the work was interrupted, not wrong).
+  - With O(error) the attempt counts and O(error) is kept as the reason. Once O(max_attempts) attempts failed, the
+    task is recorded failed with that reason (C(failed/<name>.json), and C(failed.txt) after compaction) and is no
+    longer claimed.
+  - With O(state=failed) the task is recorded failed at once, O(error) being the reason; use it when no retry can
+    help (a bad input).
+  - Only the lease O(etag) names is given back. A lease that is no longer the lock's (it expired and another owner
+    took the task over) makes the module fail without writing.
+  - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
+    adapts it.
+author:
+  - cicc.cloud developers
+options:
+  bucket:
+    description:
+      - Name of the S3 bucket that holds the queue.
+    required: true
+    type: str
+  prefix:
+    description:
+      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
+    default: ""
+    type: str
+  lease_seconds:
+    description:
+      - Length of the lease in seconds, as given to M(cicc.cloud.task_claim).
+    default: 120
+    type: int
+  max_attempts:
+    description:
+      - Number of attempts a task gets. When O(error) is set and O(attempts) reached it, the task is recorded
+        failed.
+    default: 3
+    type: int
+  name:
+    description:
+      - Name of the claimed task (RV(cicc.cloud.task_claim#module:task.name)).
+    required: true
+    type: str
+  owner:
+    description:
+      - Owner of the lease (RV(cicc.cloud.task_claim#module:task.owner)).
+    required: true
+    type: str
+  token:
+    description:
+      - Token of the claim (RV(cicc.cloud.task_claim#module:task.token)).
+    required: true
+    type: str
+  etag:
+    description:
+      - ETag of the lock (RV(cicc.cloud.task_claim#module:task.etag)). Only a lock that still has this ETag is
+        given back.
+    required: true
+    type: str
+  attempts:
+    description:
+      - Attempt number of the claim (RV(cicc.cloud.task_claim#module:task.attempts)).
+    default: 1
+    type: int
+  error:
+    description:
+      - Why the attempt failed. When set, the attempt counts towards O(max_attempts).
+      - Required with O(state=failed), as the reason recorded.
+    type: str
+  state:
+    description:
+      - V(released) gives the task back for another attempt (or records it failed once its attempts are used up).
+      - V(failed) records the task failed for good, with O(error) as the reason.
+    default: released
+    choices: [released, failed]
+    type: str
+extends_documentation_fragment:
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: none
+  idempotent:
+    description:
+      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
+      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
+    support: full
+    details:
+      - A lease this claim already gave back, or a task already recorded failed, is reported with no change.
+  action_group:
+    description: Use C(group/cicc.cloud.aws) in C(module_defaults) to set defaults for this module.
+    support: full
+    membership:
+      - cicc.cloud.aws
+seealso:
+  - module: cicc.cloud.task_claim
+  - module: cicc.cloud.task_complete
+  - module: cicc.cloud.task_info
+"""
+
+EXAMPLES = r"""
+- name: Claim the next task
+  cicc.cloud.task_claim:
+    bucket: cicc-demo-bucket
+    owner: operator
+  register: claim
+
+- name: Give it back after a failed attempt (recorded failed after max_attempts)
+  cicc.cloud.task_release:
+    bucket: cicc-demo-bucket
+    name: "{{ claim.task.name }}"
+    owner: "{{ claim.task.owner }}"
+    token: "{{ claim.task.token }}"
+    etag: "{{ claim.task.etag }}"
+    attempts: "{{ claim.task.attempts }}"
+    error: "the container exited with status 1"
+
+- name: Record it failed for good
+  cicc.cloud.task_release:
+    bucket: cicc-demo-bucket
+    name: "{{ claim.task.name }}"
+    owner: "{{ claim.task.owner }}"
+    token: "{{ claim.task.token }}"
+    etag: "{{ claim.task.etag }}"
+    state: failed
+    error: "input is empty"
+"""
+
+RETURN = r"""
+task:
+  description: The task given back.
+  returned: success
+  type: dict
+  contains:
+    name:
+      description: Name of the task.
+      type: str
+      returned: success
+      sample: in3.dat
+    state:
+      description: V(pending) when the task will be claimed again, V(failed) when it is recorded failed.
+      type: str
+      returned: success
+      sample: pending
+"""
+
+import json
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:
+    pass  # handled by AnsibleAWSModule
+
+from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+
+_MISSING = ["404", "NoSuchKey", "NotFound"]
+
+
+def _lock(client, queue, name):
+    """The lock's (body, ETag), or None when there is none."""
+    try:
+        response = client.get_object(Bucket=queue.bucket, Key=queue.lock_key(name))
+    except is_boto3_error_code(_MISSING):
+        return None
+    return json.loads(response["Body"].read()), response["ETag"]
+
+
+def _recorded_failed(client, queue, name):
+    try:
+        client.head_object(Bucket=queue.bucket, Key=queue.failed_key(name))
+    except is_boto3_error_code(_MISSING):
+        return False
+    return True
+
+
+def settled_state(client, queue, lease):
+    """The task's state when this lease was already given back (a re-run), None while the lease holds the lock.
+    Fails when another owner holds the task now: this lease has nothing left to give back."""
+    lock = _lock(client, queue, lease.name)
+    if lock is not None and lock[1] == lease.etag:
+        return None
+    if _recorded_failed(client, queue, lease.name):
+        return "failed"
+    if lock is None:
+        return "pending"
+    held, _etag = lock
+    if held.get("token") == lease.token and held.get("lease_seconds") == 0:
+        return "pending"  # released by this claim, not yet taken by anyone
+    raise task_queue.LeaseLost(f"lease on {lease.name} lost: {held.get('owner')} holds the task now")
+
+
+def predicted_state(queue, lease, params):
+    if params["state"] == "failed":
+        return "failed"
+    if params["error"] and lease.attempts >= queue.max_attempts:
+        return "failed"
+    return "pending"
+
+
+def main():
+    argument_spec = dict(
+        bucket=dict(type="str", required=True),
+        prefix=dict(type="str", default=""),
+        lease_seconds=dict(type="int", default=120),
+        max_attempts=dict(type="int", default=3),
+        name=dict(type="str", required=True),
+        owner=dict(type="str", required=True),
+        token=dict(type="str", required=True, no_log=False),
+        etag=dict(type="str", required=True),
+        attempts=dict(type="int", default=1),
+        error=dict(type="str"),
+        state=dict(type="str", default="released", choices=["released", "failed"]),
+    )
+
+    module = AnsibleAWSModule(
+        argument_spec=argument_spec, supports_check_mode=True, required_if=[("state", "failed", ["error"])]
+    )
+
+    params = module.params
+    if params["state"] == "failed" and not params["error"]:
+        module.fail_json(msg="state=failed needs the reason in error")
+    queue = task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
+    lease = task_queue.Lease(
+        params["name"], params["owner"], params["token"], params["etag"], params["attempts"], "", queue.lease_seconds
+    )
+    client = module.client("s3")
+
+    try:
+        task_queue.check_name(lease.name)
+        state = settled_state(client, queue, lease)
+        if state is not None:
+            module.exit_json(changed=False, task={"name": lease.name, "state": state})
+        if module.check_mode:
+            state = predicted_state(queue, lease, params)
+        elif params["state"] == "failed":
+            task_queue.fail(client, queue, lease, params["error"])
+            state = "failed"
+        else:
+            state = task_queue.release(client, queue, lease, params["error"] or "")
+    except task_queue.QueueError as e:
+        module.fail_json(msg=str(e))
+    except (BotoCoreError, ClientError) as e:
+        module.fail_json_aws(e, msg=f"Couldn't release task {lease.name} in s3://{queue.bucket}/{queue.prefix}")
+    module.exit_json(changed=True, task={"name": lease.name, "state": state})
+
+
+if __name__ == "__main__":
+    main()
