@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark of container/process.py (not a test): XOR speed against a memory copy, and peak memory.
 
 For each size it prints

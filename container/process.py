@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Processing step of the cicc.cloud pipeline: output = input XOR kernel.
 
 Usage (inside the processing container, the data directory is bind-mounted at /data)::

@@ -20,7 +20,7 @@ case "${1:-status}" in
     ;;
   stop)
     pid=$(pidof dockerd || true)
-    [ -n "$pid" ] && kill $pid && echo "==> Docker Engine stopped"
+    [ -n "$pid" ] && kill "$pid" && echo "==> Docker Engine stopped"
     exit 0
     ;;
   status)

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 log() { printf '==> %s\n' "$*"; }
 
-apt_packages=(docker.io s3fs debootstrap make rsync)
+apt_packages=(docker.io s3fs debootstrap make rsync shellcheck)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Check every output of a drained queue against input XOR kernel, recomputed here with numpy.
 
 Usage: verify-outputs.py BUCKET [PREFIX]   (endpoint and credentials from the usual AWS_* variables)

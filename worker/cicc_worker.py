@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # -*- coding: utf-8 -*-
 # Copyright: cicc.cloud contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
@@ -128,7 +127,11 @@ class ProcessRunner:
         argv = [sys.executable, self.program, "--data", str(task_dir), "--input", name]
         try:
             done = subprocess.run(
-                argv + ["--kernel", kernel, "--output", output], capture_output=True, text=True, timeout=timeout
+                argv + ["--kernel", kernel, "--output", output],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
             )
         except subprocess.TimeoutExpired as error:
             raise TaskError(f"processing timed out after {timeout:.0f} s") from error
@@ -319,7 +322,7 @@ def terminate_self(settings: Settings, session) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--config", help="JSON settings file (the worker role writes /etc/cicc/worker.json)")
     for field in fields(Settings):
         parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=type(field.default))

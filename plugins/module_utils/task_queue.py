@@ -317,7 +317,7 @@ def claim(
     """
     check_name(name)
     lease = Lease(name, owner, token or uuid.uuid4().hex, "", 1, instance_id, queue.lease_seconds)
-    for _ in range(3):
+    for _attempt in range(3):
         try:
             lease.etag = _put(client, queue.bucket, queue.lock_key(name), lease.body(), IfNoneMatch="*")
             break

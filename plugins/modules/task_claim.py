@@ -26,7 +26,7 @@ description:
   - When a claim's reply was lost (the run was interrupted), pass the RV(task.token) of that claim, if known, as
     O(token) to find the claim again rather than fail against one's own lock.
 author:
-  - cicc.cloud developers
+  - cicc.cloud developers (!UNKNOWN)
 options:
   bucket:
     description:

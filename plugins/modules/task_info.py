@@ -24,7 +24,7 @@ description:
   - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
     adapts it.
 author:
-  - cicc.cloud developers
+  - cicc.cloud developers (!UNKNOWN)
 options:
   bucket:
     description:

@@ -1,0 +1,447 @@
+#!/usr/bin/env python3
+"""Benchmark of the boot worker (not a test): per-task wall time against a bare docker run.
+
+The issue's target: the worker's per-task wall time is at most 1.5 x that of a bare ``docker run``
+of the same processing image plus the same transfers, measured side by side in the same run.
+
+Each repeat times both methods, in alternating order (worker first on even repeats, baseline
+first on odd ones), each on a fresh bucket holding the seed's data set with every input pending
+(``dataset.build_dataset(inputs=N, done=0, input_size=SIZE)``; the upload is not timed):
+
+(a) worker   - one ``cicc_worker.Worker`` (bucket, a work directory under a temp dir,
+               lease_seconds 120) with ``DockerRunner("cicc-process:latest")``; ``run()`` is timed
+               from start to return (kernel staging, claims, processing, publishing, journal,
+               final compaction), per-task wall = total / N. Every HTTP request of its S3 client
+               is counted by a botocore ``before-send`` hook; time in the runner, in each S3
+               operation and in staging the input is recorded to split the wall time.
+(b) baseline - for each task, without the protocol: GetObject of the input and of the kernel
+               streamed to a temp dir (as task_queue.download streams them), the same container
+               through the same docker SDK calls as DockerRunner (containers.run detached with
+               ``--network none`` and the dir bind-mounted at /data, wait, logs, remove), and a
+               plain PutObject of the output; per-task wall = total / N.
+
+Both methods get a fresh boto3 client and docker client per repeat, warmed by one untimed
+request, and one untimed container run warms the image before the first repeat. Outputs of both
+methods are checked against input XOR kernel after each timed run (not timed).
+
+Usage: bench/bench_worker.py [--tasks 7] [--size 2000000] [--repeats 3] [--endpoint URL]
+                             [--image cicc-process:latest]
+
+Without --endpoint it starts its own moto_server (from this interpreter's virtualenv) on a free
+127.0.0.1 port and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTIONS = ROOT / ".collections"
+REGION = "us-east-1"
+TARGET = 1.5
+DEFAULT_IMAGE = "cicc-process:latest"
+
+
+# --- loading the code under test ------------------------------------------------------------------
+
+
+def load_code() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
+    """(task_queue, dataset, cicc_worker) from this checkout."""
+    link = COLLECTIONS / "ansible_collections" / "cicc" / "cloud"
+    if not link.exists():
+        raise SystemExit(f"{link} is missing: run scripts/setup.sh (it links the collection there)")
+    sys.path.insert(0, str(COLLECTIONS))
+    sys.dont_write_bytecode = True
+    from ansible_collections.cicc.cloud.plugins.module_utils import dataset, task_queue
+
+    spec = importlib.util.spec_from_file_location("cicc_worker_bench", ROOT / "worker" / "cicc_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = worker
+    spec.loader.exec_module(worker)
+    return task_queue, dataset, worker
+
+
+# --- the emulator ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class OwnMoto:
+    """A moto_server of our own on a free loopback port, stopped (by its pid) on exit."""
+
+    def __init__(self) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        moto = Path(sys.executable).with_name("moto_server")
+        if not moto.exists():
+            raise SystemExit(f"{moto} not found: install moto[server] in this virtualenv or pass --endpoint")
+        port = self.url.rsplit(":", 1)[1]
+        self.proc = subprocess.Popen(
+            [str(moto), "-H", "127.0.0.1", "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=1)
+                return self.url
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise SystemExit(f"moto_server did not come up on {self.url}")
+                time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- instruments ----------------------------------------------------------------------------------
+
+
+class S3Meter:
+    """Counts the HTTP requests a client sends (retries included) and times each API call.
+
+    ``before-send`` fires once per attempt on the wire; ``before-call`` / ``after-call`` bracket an
+    operation (its retries included, a streamed body excluded), sharing the call's context dict.
+    """
+
+    def __init__(self, client) -> None:
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        events = client.meta.events
+        events.register("before-send.s3", self._on_send)
+        events.register("before-call.s3", self._on_call)
+        events.register("after-call.s3", self._on_return)
+        events.register("after-call-error.s3", self._on_return)
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.seconds.clear()
+        self.calls.clear()
+
+    def _on_send(self, event_name: str, **_) -> None:
+        self.requests[event_name.rsplit(".", 1)[-1]] += 1  # before-send.s3.<Operation>
+
+    def _on_call(self, model, context, **_) -> None:
+        context["bench_started"] = time.perf_counter()
+
+    def _on_return(self, model, context, **_) -> None:
+        started = context.pop("bench_started", None)
+        if started is not None:
+            self.seconds[model.name] += time.perf_counter() - started
+            self.calls[model.name] += 1
+
+
+class TimedRunner:
+    """Wraps a runner and adds up the time spent in it."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.seconds = 0.0
+        self.runs = 0
+
+    def run(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.runner.run(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.runs += 1
+
+
+# --- the two methods ------------------------------------------------------------------------------
+
+
+def new_client(endpoint: str):
+    import boto3
+
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=REGION)
+    client.list_buckets()  # warm: connection, endpoint and credential resolution (untimed)
+    return client
+
+
+def fill_bucket(client, objects: dict[str, bytes]) -> str:
+    bucket = f"cicc-bench-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    for name, body in objects.items():  # lists last, as build_dataset orders them
+        client.put_object(Bucket=bucket, Key=name, Body=body)
+    return bucket
+
+
+def check_outputs(client, bucket: str, objects: dict[str, bytes], names: list[str], output_name, xor) -> None:
+    kernel = objects["kernel.dat"]
+    for name in names:
+        body = client.get_object(Bucket=bucket, Key=output_name(name))["Body"].read()
+        if body != xor(objects[name], kernel):
+            raise SystemExit(f"FAIL: s3://{bucket}/{output_name(name)} is not {name} XOR kernel")
+
+
+def run_worker(mods, endpoint: str, objects, names, image: str, tmp: Path) -> dict:
+    task_queue, dataset, cicc_worker = mods
+    setup = new_client(endpoint)
+    bucket = fill_bucket(setup, objects)
+    client = new_client(endpoint)
+    meter = S3Meter(client)
+    meter.reset()  # the warm-up request is not the worker's
+    runner = TimedRunner(cicc_worker.DockerRunner(image))
+    settings = cicc_worker.Settings(
+        bucket=bucket, workdir=str(tmp / f"worker-{bucket}"), image=image, lease_seconds=120
+    )
+    worker = cicc_worker.Worker(settings, client, runner, owner="bench-worker")
+    stage = {"seconds": 0.0}
+    stage_input = worker._stage_input
+
+    def timed_stage_input(*args):
+        started = time.perf_counter()
+        try:
+            return stage_input(*args)
+        finally:
+            stage["seconds"] += time.perf_counter() - started
+
+    worker._stage_input = timed_stage_input  # GetObject of the input with its streamed body
+    started = time.perf_counter()
+    code = worker.run()
+    total = time.perf_counter() - started
+    if code != 0 or sorted(worker.done) != sorted(names) or worker.failed:
+        raise SystemExit(f"FAIL: worker exited {code}, done {worker.done}, failed {worker.failed}")
+    check_outputs(setup, bucket, objects, names, task_queue.output_name, dataset.xor_tiled)
+    shutil.rmtree(settings.workdir, ignore_errors=True)
+    return {
+        "total": total,
+        "runner": runner.seconds,
+        "stage_input": stage["seconds"],
+        "requests": dict(meter.requests),
+        "op_seconds": dict(meter.seconds),
+        "op_calls": dict(meter.calls),
+    }
+
+
+def _download(client, bucket: str, key: str, path: Path) -> None:
+    """GetObject streamed to a file, as task_queue.download does (without its conditions)."""
+    response = client.get_object(Bucket=bucket, Key=key)
+    with open(path, "wb") as out:
+        for chunk in response["Body"].iter_chunks(1 << 20):
+            out.write(chunk)
+
+
+def _bare_docker_run(docker_client, image: str, task_dir: Path, name: str, output: str) -> None:
+    """``docker run --rm --network none -v DIR:/data IMAGE ...`` with DockerRunner's SDK calls."""
+    container = docker_client.containers.run(
+        image,
+        ["--input", name, "--kernel", "kernel.dat", "--output", output],
+        volumes={str(task_dir): {"bind": "/data", "mode": "rw"}},
+        network_mode="none",
+        detach=True,
+    )
+    try:
+        code = container.wait(timeout=900)["StatusCode"]
+        report = container.logs(stdout=True, stderr=True).decode("utf-8", "replace").strip()
+    finally:
+        container.remove(force=True)
+    if code != 0 or not report.splitlines()[-1].startswith("SUCCESS"):
+        raise SystemExit(f"FAIL: bare docker run of {name} exited {code}: {report}")
+
+
+def run_baseline(mods, endpoint: str, objects, names, image: str, tmp: Path) -> dict:
+    import docker
+
+    task_queue, dataset, _ = mods
+    setup = new_client(endpoint)
+    bucket = fill_bucket(setup, objects)
+    client = new_client(endpoint)
+    meter = S3Meter(client)
+    meter.reset()
+    docker_client = docker.from_env()
+    phases = collections.Counter()
+    started = time.perf_counter()
+    for name in names:
+        output = task_queue.output_name(name)
+        t0 = time.perf_counter()
+        task_dir = Path(tempfile.mkdtemp(prefix="task-", dir=tmp))
+        _download(client, bucket, name, task_dir / name)
+        _download(client, bucket, "kernel.dat", task_dir / "kernel.dat")
+        t1 = time.perf_counter()
+        _bare_docker_run(docker_client, image, task_dir, name, output)
+        t2 = time.perf_counter()
+        with open(task_dir / output, "rb") as body:
+            client.put_object(Bucket=bucket, Key=output, Body=body)
+        shutil.rmtree(task_dir, ignore_errors=True)
+        t3 = time.perf_counter()
+        phases["download"] += t1 - t0
+        phases["runner"] += t2 - t1
+        phases["upload"] += t3 - t2
+    total = time.perf_counter() - started
+    check_outputs(setup, bucket, objects, names, task_queue.output_name, dataset.xor_tiled)
+    docker_client.close()
+    return {"total": total, **phases, "requests": dict(meter.requests)}
+
+
+def warm_up(image: str, tmp: Path, objects: dict[str, bytes], name: str) -> float:
+    """One untimed container run, so neither method pays for the first start of the image."""
+    import docker
+
+    task_dir = Path(tempfile.mkdtemp(prefix="warm-", dir=tmp))
+    (task_dir / name).write_bytes(objects[name])
+    (task_dir / "kernel.dat").write_bytes(objects["kernel.dat"])
+    client = docker.from_env()
+    started = time.perf_counter()
+    _bare_docker_run(client, image, task_dir, name, "warm.out")
+    seconds = time.perf_counter() - started
+    client.close()
+    shutil.rmtree(task_dir, ignore_errors=True)
+    return seconds
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.1f}"
+
+
+def report(worker_runs: list[dict], base_runs: list[dict], tasks: int) -> bool:
+    per_task = {
+        "worker": [run["total"] / tasks for run in worker_runs],
+        "baseline": [run["total"] / tasks for run in base_runs],
+    }
+    w_med, b_med = statistics.median(per_task["worker"]), statistics.median(per_task["baseline"])
+    w_min, b_min = min(per_task["worker"]), min(per_task["baseline"])
+    ratio, ratio_min = w_med / b_med, w_min / b_min
+    reqs = {
+        "worker": statistics.median(sum(run["requests"].values()) / tasks for run in worker_runs),
+        "baseline": statistics.median(sum(run["requests"].values()) / tasks for run in base_runs),
+    }
+    print()
+    print("per-task wall time (total / N), ms; repeats:", len(worker_runs))
+    header = f"{'method':<10} | {'median':>8} | {'min':>8} | {'all repeats':<32} | {'req/task':>8} | ratio"
+    print(header)
+    print("-" * (len(header) + 20))
+    for method, med, low in (("worker", w_med, w_min), ("baseline", b_med, b_min)):
+        every = " ".join(f"{value * 1000:.0f}" for value in per_task[method])
+        extra = f"{ratio:.3f} (min/min {ratio_min:.3f})" if method == "worker" else "1"
+        print(f"{method:<10} | {_ms(med)} | {_ms(low)} | {every:<32} | {reqs[method]:8.2f} | {extra}")
+    met = ratio <= TARGET
+    print(f"verdict: worker/baseline = {ratio:.3f} (medians) -> target <= {TARGET} x {'met' if met else 'NOT met'}")
+
+    print()
+    print("where the time goes, ms per task (median over repeats)")
+
+    def med(values) -> float:
+        return statistics.median(values) / tasks
+
+    w_runner = med(run["runner"] for run in worker_runs)
+    w_outside = med(run["total"] - run["runner"] for run in worker_runs)
+    w_stage = med(run["stage_input"] for run in worker_runs)
+    b_runner = med(run["runner"] for run in base_runs)
+    b_download = med(run["download"] for run in base_runs)
+    b_upload = med(run["upload"] for run in base_runs)
+    print(f"  worker   : in runner (container) {_ms(w_runner)} | outside runner {_ms(w_outside)}")
+    print(f"             of which staging the input (GetObject + body) {_ms(w_stage)}")
+    print(
+        f"  baseline : in container          {_ms(b_runner)} | outside container {_ms(b_download + b_upload)}"
+        f"  (download input+kernel {b_download * 1000:.1f}, upload {b_upload * 1000:.1f})"
+    )
+    print(f"  difference worker - baseline: container {_ms(w_runner - b_runner)} | outside {_ms(w_outside - b_download - b_upload)}")
+
+    print()
+    print("worker S3 operations (median over repeats): requests per task, ms per task (call, streamed bodies excluded)")
+    ops = sorted({op for run in worker_runs for op in run["op_calls"]} | {op for run in worker_runs for op in run["requests"]})
+    print(f"  {'operation':<16} | {'req/task':>8} | {'ms/task':>8} | {'ms/call':>8}")
+    for op in ops:
+        n = med(run["requests"].get(op, 0) for run in worker_runs)
+        s = med(run["op_seconds"].get(op, 0.0) for run in worker_runs)
+        calls = statistics.median(run["op_calls"].get(op, 0) for run in worker_runs)
+        per_call = statistics.median(run["op_seconds"].get(op, 0.0) for run in worker_runs) / calls if calls else 0.0
+        print(f"  {op:<16} | {n:8.2f} | {_ms(s)} | {_ms(per_call)}")
+    s3_total = med(sum(run["op_seconds"].values()) for run in worker_runs)
+    print(f"  {'all S3 calls':<16} | {reqs['worker']:8.2f} | {_ms(s3_total)} |")
+    print(f"  outside runner and outside S3 calls (bodies streamed, disk, threads, Python): {_ms(w_outside - s3_total)}")
+    return met
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=7, help="tasks per run (default 7, the seed's pending tasks)")
+    parser.add_argument("--size", type=int, default=2_000_000, help="input size in bytes (default 2,000,000)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each method, alternated (default 3)")
+    parser.add_argument("--endpoint", help="S3 endpoint URL (default: a moto_server of our own)")
+    parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"processing image (default {DEFAULT_IMAGE})")
+    args = parser.parse_args(argv)
+    if args.tasks < 1 or args.size < 1 or args.repeats < 1:
+        parser.error("--tasks, --size and --repeats must be at least 1")
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        os.environ.setdefault(key, value)
+    logging.getLogger("cicc-worker").setLevel(logging.WARNING)
+
+    import docker
+
+    mods = load_code()
+    try:
+        docker.from_env().images.get(args.image)
+    except docker.errors.ImageNotFound:
+        raise SystemExit(f"image {args.image} is absent: build it with scripts/process-image.sh") from None
+    objects = mods[1].build_dataset(inputs=args.tasks, input_size=args.size, done=0)
+    names, _ = mods[1].task_names(args.tasks, 0)
+
+    print(f"worker vs bare docker run: {args.tasks} tasks of {args.size} bytes, image {args.image}, {args.repeats} repeats")
+    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, docker {docker.from_env().version()['Version']}")
+    own = OwnMoto() if not args.endpoint else None
+    endpoint = own.__enter__() if own else args.endpoint
+    worker_runs: list[dict] = []
+    base_runs: list[dict] = []
+    try:
+        print(f"S3 endpoint {endpoint}{' (own moto_server)' if own else ''}")
+        with tempfile.TemporaryDirectory(prefix="cicc-bench-worker-") as tmp_name:
+            tmp = Path(tmp_name)
+            print(f"warm-up container run (untimed in results): {warm_up(args.image, tmp, objects, names[0]):.2f} s")
+            for repeat in range(args.repeats):
+                order = ("worker", "baseline") if repeat % 2 == 0 else ("baseline", "worker")
+                for method in order:
+                    if method == "worker":
+                        result = run_worker(mods, endpoint, objects, names, args.image, tmp)
+                        worker_runs.append(result)
+                    else:
+                        result = run_baseline(mods, endpoint, objects, names, args.image, tmp)
+                        base_runs.append(result)
+                    print(
+                        f"  repeat {repeat + 1} {method:<8}: {result['total']:.2f} s, "
+                        f"{result['total'] / args.tasks * 1000:.0f} ms/task, container "
+                        f"{result['runner'] / args.tasks * 1000:.0f} ms/task"
+                    )
+    finally:
+        if own:
+            own.__exit__()
+    report(worker_runs, base_runs, args.tasks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

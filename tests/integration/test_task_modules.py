@@ -1,0 +1,287 @@
+"""The task modules (task_claim, task_complete, task_release, task_info) run by the real `ansible` command against
+the emulator.
+
+Each call is an ad-hoc `ansible localhost -m cicc.cloud.<module>` in its own process, its result read from the
+ansible.posix.json callback. The endpoint and credentials reach AnsibleAWSModule only through the AWS_* variables
+the emulator fixture exports (AWS_URL is endpoint_url's fallback); the first test checks that they do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 120
+NAMES = ["in0.dat", "in1.dat", "in2.dat"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+        ANSIBLE_NOCOLOR="1",
+    )
+    return env
+
+
+def run_module(module: str, check: bool = False, **args) -> dict:
+    """The result of one module run on localhost (``failed`` is true when the module failed)."""
+    command = ["ansible", "localhost", "-m", f"cicc.cloud.{module}", "-a", json.dumps(args)]
+    if check:
+        command.append("--check")
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    try:
+        report = json.loads(done.stdout)
+        return report["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    except (ValueError, KeyError, IndexError):
+        pytest.fail(f"{' '.join(command)} gave no JSON result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+def ok(module: str, check: bool = False, **args) -> dict:
+    result = run_module(module, check, **args)
+    assert not result.get("failed"), result.get("msg", result)
+    return result
+
+
+def _body(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    return sorted(item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+
+def _snapshot(s3, bucket: str) -> dict[str, str]:
+    return {item["Key"]: item["ETag"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+
+def _lease_args(task: dict) -> dict:
+    """What task_complete and task_release take from task_claim's result."""
+    return {key: task[key] for key in ("name", "owner", "token", "etag", "attempts")}
+
+
+def _publish(s3, bucket: str, name: str) -> None:
+    s3.put_object(Bucket=bucket, Key=tq.output_name(name), Body=b"output of " + name.encode())
+
+
+@pytest.fixture
+def queue_bucket(s3, bucket) -> str:
+    """A bucket holding three small inputs, all listed in tasklist.txt."""
+    for name in NAMES:
+        s3.put_object(Bucket=bucket, Key=name, Body=name.encode() * 10)
+    s3.put_object(Bucket=bucket, Key="kernel.dat", Body=b"k")
+    s3.put_object(Bucket=bucket, Key=tq.TASKLIST, Body="".join(f"{name}\n" for name in NAMES).encode())
+    return bucket
+
+
+def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, emulator):
+    claim = ok("task_claim", bucket=queue_bucket, owner="w1", instance_id="i-0123456789abcdef0")
+    assert claim["invocation"]["module_args"]["endpoint_url"] == emulator  # AWS_URL reached the module
+    assert claim["changed"] and claim["claimed"]
+    task = claim["task"]
+    assert (task["name"], task["owner"], task["attempts"], task["instance_id"]) == ("in0.dat", "w1", 1, "i-0123456789abcdef0")
+    assert task["token"] and task["etag"]
+    assert json.loads(_body(s3, queue_bucket, "locks/in0.dat"))["token"] == task["token"]
+
+    info = ok("task_info", bucket=queue_bucket)["queue"]
+    assert info["claimed"] == 1 and info["claims"][0]["task"] == "in0.dat" and info["claims"][0]["owner"] == "w1"
+    assert info["claims"][0]["instance_id"] == "i-0123456789abcdef0" and not info["claims"][0]["expired"]
+
+    _publish(s3, queue_bucket, "in0.dat")
+    done = ok("task_complete", bucket=queue_bucket, **_lease_args(task))
+    assert done["changed"] and done["task"] == {"name": "in0.dat", "state": "completed", "output": "out0.dat"}
+    assert _keys(s3, queue_bucket, "locks/") == []
+
+    info = ok("task_info", bucket=queue_bucket, compact=True)
+    assert info["changed"] and info["compacted"] == {"completed": 1, "failed": 0, "rejected": 0}
+    queue = info["queue"]
+    assert queue["pending_tasks"] == ["in1.dat", "in2.dat"] and queue["pending"] == 2
+    assert (queue["completed"], queue["failed"], queue["claimed"], queue["journaled"]) == (1, 0, 0, 0)
+    assert not queue["drained"]
+    assert _body(s3, queue_bucket, tq.COMPLETED) == b"in0.dat\n"
+    assert _body(s3, queue_bucket, tq.TASKLIST) == b"in1.dat\nin2.dat\n"
+    assert _keys(s3, queue_bucket, "journal/") == []
+
+    again = ok("task_info", bucket=queue_bucket, compact=True)
+    assert not again["changed"] and again["queue"] == queue
+
+    # The next claim goes on with the next task of the list.
+    assert ok("task_claim", bucket=queue_bucket, owner="w1")["task"]["name"] == "in1.dat"
+
+
+def test_task_held_by_another_owner_is_not_claimed(s3, queue_bucket):
+    first = ok("task_claim", bucket=queue_bucket, owner="alice", name="in1.dat")
+    assert first["claimed"] and first["task"]["name"] == "in1.dat"
+    lock = _body(s3, queue_bucket, "locks/in1.dat")
+
+    other = ok("task_claim", bucket=queue_bucket, owner="bob", name="in1.dat")
+    assert not other["changed"] and not other["claimed"] and other["task"] == {}
+    assert "held by alice" in other["reason"]
+    assert _body(s3, queue_bucket, "locks/in1.dat") == lock
+
+    # Claiming the next task passes over the held one.
+    names = [ok("task_claim", bucket=queue_bucket, owner="bob")["task"]["name"] for _ in range(2)]
+    assert names == ["in0.dat", "in2.dat"]
+    rest = ok("task_claim", bucket=queue_bucket, owner="bob")
+    assert not rest["changed"] and not rest["claimed"] and rest["task"] == {}
+    assert "held by another owner" in rest["reason"]
+
+
+def test_check_mode_writes_nothing(s3, queue_bucket):
+    done = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
+    _publish(s3, queue_bucket, done["name"])
+    ok("task_complete", bucket=queue_bucket, **_lease_args(done))  # in0.dat journaled, not compacted
+    held = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
+    assert held["name"] == "in1.dat"
+    before = _snapshot(s3, queue_bucket)
+
+    would = ok("task_claim", check=True, bucket=queue_bucket, owner="w2")
+    assert would["changed"] and would["claimed"] and would["task"]["name"] == "in2.dat" and would["task"]["etag"] == ""
+    refused = ok("task_claim", check=True, bucket=queue_bucket, owner="w2", name="in1.dat")
+    assert not refused["changed"] and not refused["claimed"] and "held by w1" in refused["reason"]
+
+    no_output = run_module("task_complete", check=True, bucket=queue_bucket, **_lease_args(held))
+    assert no_output["failed"] and "has no output out1.dat" in no_output["msg"]
+    _publish(s3, queue_bucket, "in1.dat")
+    before["out1.dat"] = _snapshot(s3, queue_bucket)["out1.dat"]
+    would_complete = ok("task_complete", check=True, bucket=queue_bucket, **_lease_args(held))
+    assert would_complete["changed"] and would_complete["task"]["state"] == "completed"
+
+    would_release = ok("task_release", check=True, bucket=queue_bucket, error="boom", **_lease_args(held))
+    assert would_release["changed"] and would_release["task"] == {"name": "in1.dat", "state": "pending"}
+    would_fail = ok("task_release", check=True, bucket=queue_bucket, state="failed", error="bad", **_lease_args(held))
+    assert would_fail["changed"] and would_fail["task"]["state"] == "failed"
+
+    info = ok("task_info", check=True, bucket=queue_bucket, compact=True)
+    assert info["changed"] and "compacted" not in info and info["queue"]["journaled"] == 1
+
+    assert _snapshot(s3, queue_bucket) == before
+
+
+def test_release_with_error_counts_attempts_until_failed(s3, queue_bucket):
+    common = {"bucket": queue_bucket, "max_attempts": 2}
+    first = ok("task_claim", name="in0.dat", owner="w1", **common)["task"]
+    assert first["attempts"] == 1
+    released = ok("task_release", error="exit status 1", **common, **_lease_args(first))
+    assert released["changed"] and released["task"] == {"name": "in0.dat", "state": "pending"}
+    rerun = ok("task_release", error="exit status 1", **common, **_lease_args(first))
+    assert not rerun["changed"] and rerun["task"]["state"] == "pending"
+
+    # The released lease is expired at once: the next claim takes it over and counts the attempt.
+    second = ok("task_claim", owner="w2", **common)["task"]
+    assert (second["name"], second["attempts"], second["last_error"]) == ("in0.dat", 2, "exit status 1")
+    late = run_module("task_release", error="late", **common, **_lease_args(first))
+    assert late["failed"] and "lost" in late["msg"]
+
+    failed = ok("task_release", error="exit status 2", **common, **_lease_args(second))
+    assert failed["changed"] and failed["task"] == {"name": "in0.dat", "state": "failed"}
+    record = json.loads(_body(s3, queue_bucket, "failed/in0.dat.json"))
+    assert record["attempts"] == 2 and "exit status 2" in record["reason"] and record["owner"] == "w2"
+    assert _keys(s3, queue_bucket, "locks/") == []
+    rerun = ok("task_release", error="exit status 2", **common, **_lease_args(second))
+    assert not rerun["changed"] and rerun["task"]["state"] == "failed"
+
+    queue = ok("task_info", compact=True, **common)["queue"]
+    assert queue["failed_tasks"] == ["in0.dat"] and queue["failed"] == 1 and queue["pending_tasks"] == ["in1.dat", "in2.dat"]
+    assert _body(s3, queue_bucket, tq.FAILED) == b"in0.dat\n"
+    refused = ok("task_claim", name="in0.dat", owner="w3", **common)
+    assert not refused["claimed"] and refused["state"] == "failed"
+
+
+def test_release_without_error_does_not_count(s3, queue_bucket):
+    task = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
+    released = ok("task_release", bucket=queue_bucket, **_lease_args(task))
+    assert released["changed"] and released["task"] == {"name": "in0.dat", "state": "pending"}
+    assert _keys(s3, queue_bucket, "locks/") == []
+    assert not ok("task_release", bucket=queue_bucket, **_lease_args(task))["changed"]
+    again = ok("task_claim", bucket=queue_bucket, owner="w2")["task"]
+    assert (again["name"], again["attempts"]) == ("in0.dat", 1)
+
+
+def test_state_failed_records_the_reason(s3, queue_bucket):
+    task = ok("task_claim", bucket=queue_bucket, owner="w1", name="in2.dat")["task"]
+    missing = run_module("task_release", bucket=queue_bucket, state="failed", **_lease_args(task))
+    assert missing["failed"] and "error" in missing["msg"]
+    empty = run_module("task_release", bucket=queue_bucket, state="failed", error="", **_lease_args(task))
+    assert empty["failed"] and "error" in empty["msg"]
+
+    failed = ok("task_release", bucket=queue_bucket, state="failed", error="input is empty", **_lease_args(task))
+    assert failed["changed"] and failed["task"] == {"name": "in2.dat", "state": "failed"}
+    record = json.loads(_body(s3, queue_bucket, "failed/in2.dat.json"))
+    assert (record["reason"], record["attempts"]) == ("input is empty", 1)
+    queue = ok("task_info", bucket=queue_bucket)["queue"]
+    assert queue["failed_tasks"] == ["in2.dat"] and queue["journaled"] == 1 and queue["claimed"] == 0
+
+
+def test_complete_without_output_fails_clearly(s3, queue_bucket):
+    task = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
+    result = run_module("task_complete", bucket=queue_bucket, **_lease_args(task))
+    assert result["failed"] and result["msg"] == "task in0.dat has no output out0.dat; publish it first"
+    assert _keys(s3, queue_bucket, "journal/") == [] and _keys(s3, queue_bucket, "locks/") == ["locks/in0.dat"]
+
+
+def test_complete_twice_changes_nothing_the_second_time(s3, queue_bucket):
+    task = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
+    _publish(s3, queue_bucket, task["name"])
+    assert ok("task_complete", bucket=queue_bucket, **_lease_args(task))["changed"]
+    journal = _snapshot(s3, queue_bucket)
+    second = ok("task_complete", bucket=queue_bucket, **_lease_args(task))
+    assert not second["changed"] and second["task"]["state"] == "completed"
+    assert _snapshot(s3, queue_bucket) == journal
+
+    ok("task_info", bucket=queue_bucket, compact=True)  # the journal entry is folded into completed.txt
+    third = ok("task_complete", bucket=queue_bucket, **_lease_args(task))
+    assert not third["changed"] and _keys(s3, queue_bucket, "journal/") == []
+
+
+def test_token_finds_a_claim_whose_reply_was_lost(s3, queue_bucket):
+    lost = ok("task_claim", bucket=queue_bucket, owner="w1", name="in1.dat")["task"]
+
+    # Without the token the claim is refused, even to its owner; with it, the claim is found and renewed.
+    assert not ok("task_claim", bucket=queue_bucket, owner="w1", name="in1.dat")["claimed"]
+    found = ok("task_claim", bucket=queue_bucket, owner="w1", name="in1.dat", token=lost["token"])
+    assert found["changed"] and found["claimed"]
+    assert (found["task"]["name"], found["task"]["token"]) == ("in1.dat", lost["token"])
+    assert found["task"]["etag"] != lost["etag"]
+
+    # Claiming "the next task" with the token finds that claim too, before any free task.
+    would = ok("task_claim", check=True, bucket=queue_bucket, owner="w1", token=lost["token"])
+    assert would["task"]["name"] == "in1.dat"
+    again = ok("task_claim", bucket=queue_bucket, owner="w1", token=lost["token"])["task"]
+    assert (again["name"], again["token"], again["attempts"]) == ("in1.dat", lost["token"], 1)
+    assert _keys(s3, queue_bucket, "locks/") == ["locks/in1.dat"]
+
+    # Someone else's token is no key to it.
+    stolen = ok("task_claim", bucket=queue_bucket, owner="w2", name="in1.dat", token="not-the-token")
+    assert not stolen["claimed"]
+
+    _publish(s3, queue_bucket, "in1.dat")
+    assert ok("task_complete", bucket=queue_bucket, **_lease_args(again))["changed"]
+    assert _keys(s3, queue_bucket, "locks/") == []
+
+
+def test_prefix_and_bad_names(s3, bucket):
+    s3.put_object(Bucket=bucket, Key="q/in5.dat", Body=b"x")
+    s3.put_object(Bucket=bucket, Key="q/tasklist.txt", Body=b"../etc/passwd\nin5.dat\n")
+    task = ok("task_claim", bucket=bucket, prefix="q/", owner="w1")["task"]
+    assert task["name"] == "in5.dat" and _keys(s3, bucket, "q/locks/") == ["q/locks/in5.dat"]
+
+    bad = run_module("task_claim", bucket=bucket, prefix="q/", owner="w1", name="../etc/passwd")
+    assert bad["failed"] and "path separator" in bad["msg"]
+    bad = run_module("task_complete", bucket=bucket, prefix="q/", name="a/b", owner="w1", token="t", etag='"e"')
+    assert bad["failed"] and "path separator" in bad["msg"]
+
+    info = ok("task_info", bucket=bucket, prefix="q/", compact=True)
+    assert info["changed"] and info["queue"]["rejected"] == []
+    assert b"../etc/passwd" in _body(s3, bucket, "q/rejected.txt")
+    assert _body(s3, bucket, "q/tasklist.txt") == b"in5.dat\n"
