@@ -56,7 +56,7 @@ def parse_sizes(text: str) -> list[int]:
 
 def _seconds_per_call(action: Callable[[], object], calls: int) -> float:
     start = time.perf_counter()
-    for _ in range(calls):
+    for _call in range(calls):
         action()
     return (time.perf_counter() - start) / calls
 
@@ -73,7 +73,7 @@ def measure_throughput(xor: Callable, size: int, repeats: int) -> tuple[float, f
     calls = max(1, 20_000_000 // max(size, 1))
     rounds = repeats * max(1, min(32, 64_000_000 // max(size, 1)))
     xor_best = copy_best = float("inf")
-    for _ in range(rounds):
+    for _round in range(rounds):
         xor_best = min(xor_best, _seconds_per_call(lambda: xor(data, kernel), calls))
         copy_best = min(copy_best, _seconds_per_call(lambda: np.copyto(target, source), calls))
     return size / xor_best, size / copy_best

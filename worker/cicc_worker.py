@@ -235,22 +235,30 @@ class Worker:
             task_queue.complete(self.client, self.queue, lease, published=True)
             self.done.append(name)
             LOG.info("completed %s: %s", name, report)
-        except task_queue.BadInput as error:
-            heartbeat.stop()
-            task_queue.fail(self.client, self.queue, lease, str(error))
-            self.failed.append(name)
-            LOG.error("failed %s for good: %s", name, error)
-        except TaskError as error:
-            heartbeat.stop()  # release rewrites the lock itself
-            state = task_queue.release(self.client, self.queue, lease, str(error))
-            if state == "failed":
-                self.failed.append(name)
-            LOG.error("attempt %d at %s failed (%s): %s", lease.attempts, name, state, error)
+        except (task_queue.BadInput, TaskError) as error:
+            heartbeat.stop()  # the lock is rewritten below: no renewal may race with it
+            self._give_back(lease, error)
         except task_queue.LeaseLost as error:
             LOG.warning("%s: not publishing, moving on", error)
         finally:
             heartbeat.stop()
             shutil.rmtree(task_dir, ignore_errors=True)
+
+    def _give_back(self, lease: task_queue.Lease, error: Exception) -> None:
+        """Record a failed attempt: a bad input fails the task at once, a processing error counts
+        an attempt (after max_attempts the task is recorded failed)."""
+        try:
+            if isinstance(error, task_queue.BadInput):
+                task_queue.fail(self.client, self.queue, lease, str(error))
+                state = "failed"
+            else:
+                state = task_queue.release(self.client, self.queue, lease, str(error))
+        except task_queue.LeaseLost as lost:
+            LOG.warning("attempt at %s failed (%s) but %s", lease.name, error, lost)
+            return
+        if state == "failed":
+            self.failed.append(lease.name)
+        LOG.error("attempt %d at %s failed (task now %s): %s", lease.attempts, lease.name, state, error)
 
     def _task_dir(self, name: str) -> Path:
         task_dir = (self.workdir / "tasks" / task_queue.check_name(name)).resolve()

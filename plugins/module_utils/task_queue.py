@@ -40,7 +40,6 @@ import re
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
@@ -354,7 +353,10 @@ def _take_over(client, queue: Queue, lease: Lease, body: bytes, etag: str, respo
     lease.last_error = held.get("last_error") or f"lease of {held.get('owner')} expired"
     if lease.attempts > queue.max_attempts:
         lease.etag, lease.attempts = etag, lease.attempts - 1
-        _record_failed(client, queue, lease, f"gave up after {lease.attempts} attempts: {lease.last_error}")
+        try:
+            _record_failed(client, queue, lease, f"gave up after {lease.attempts} attempts: {lease.last_error}")
+        except LeaseLost as error:
+            raise ClaimConflict(f"task {lease.name} was taken over by another worker first") from error
         raise TaskFinished(lease.name, "failed")
     try:
         lease.etag = _put(client, queue.bucket, queue.lock_key(lease.name), lease.body(), IfMatch=etag)
@@ -366,14 +368,29 @@ def _take_over(client, queue: Queue, lease: Lease, body: bytes, etag: str, respo
 
 def _check_unfinished(client, queue: Queue, lease: Lease) -> None:
     """Under the lock, make sure the task still needs work; a finished one is journaled and let go."""
-    if _exists(client, queue.bucket, queue.output_key(lease.name)):
+    state = finished_state(client, queue, lease.name)
+    if state == "completed":
         # Output published but maybe never journaled (its worker died): finish it, don't recompute.
         _put(client, queue.bucket, queue.journal_key("completed", lease.name), b"")
+    if state:
         _delete_lock(client, queue, lease)
-        raise TaskFinished(lease.name, "completed")
-    if _exists(client, queue.bucket, queue.failed_key(lease.name)):
-        _delete_lock(client, queue, lease)
-        raise TaskFinished(lease.name, "failed")
+        raise TaskFinished(lease.name, state)
+
+
+def read_lock(client, queue: Queue, name: str) -> tuple[dict, str] | None:
+    """The lock's content and ETag, or None when the task is not locked (read-only)."""
+    found = _get(client, queue.bucket, queue.lock_key(name))
+    return (json.loads(found[0]), found[1]) if found else None
+
+
+def finished_state(client, queue: Queue, name: str) -> str | None:
+    """"completed" when the task's output exists, "failed" when its failed record does, else None
+    (read-only)."""
+    if _exists(client, queue.bucket, queue.output_key(name)):
+        return "completed"
+    if _exists(client, queue.bucket, queue.failed_key(name)):
+        return "failed"
+    return None
 
 
 def renew(client, queue: Queue, lease: Lease) -> Lease:
@@ -467,6 +484,9 @@ def fail(client, queue: Queue, lease: Lease, reason: str) -> None:
 
 
 def _record_failed(client, queue: Queue, lease: Lease, reason: str) -> None:
+    # Prove the lock is still ours first: a worker that lost its lease must not record failed a
+    # task its successor may be completing.
+    renew(client, queue, lease)
     record = {"task": lease.name, "reason": reason, "attempts": lease.attempts, "owner": lease.owner}
     _put(client, queue.bucket, queue.failed_key(lease.name), json.dumps(record, indent=1).encode())
     _put(client, queue.bucket, queue.journal_key("failed", lease.name), b"")
@@ -607,18 +627,26 @@ def queue_status(client, queue: Queue) -> dict:
 
 
 class TaskPicker:
-    """Finds the next task for one worker from a shuffled snapshot of the tasklist, so that a
-    claim costs one request rather than one read of the whole list. Busy tasks are put aside and
-    retried (with lease takeover) only when nothing else is left; finished tasks are dropped.
-    The snapshot is re-read when most recent picks miss, so work stays bounded per task."""
+    """Finds the next task for one worker from a snapshot of the tasklist, so that a claim costs
+    one request rather than one read of the whole list.
+
+    Every worker walks the same snapshot in order from a random start and, whenever it runs into
+    a task someone else holds or finished, jumps to a random unvisited place: workers soon work
+    apart, each in its own stretch, and rarely touch the same task. Busy tasks are retried (with
+    lease takeover) only when nothing else is left; the snapshot is re-read when most recent
+    picks miss, so the requests per task stay bounded whatever the number of workers."""
 
     def __init__(self, client, queue: Queue, owner: str, instance_id: str = "", poll_seconds: float = 5.0) -> None:
         self.client, self.queue, self.owner, self.instance_id = client, queue, owner, instance_id
         self.poll_seconds = poll_seconds
         self.finished: set[str] = set()
         self.rejected: list[tuple[str, str]] = []
-        self._candidates: deque[str] = deque()
+        self._order: list[str] = []
+        self._visited = bytearray()
+        self._left = self._position = 0
+        self._jump = True
         self._busy: list[str] = []
+        self._tokens: dict[str, str] = {}  # a retried claim of a name reuses its token (lost replies)
         self._hits = self._misses = 0
         self._fresh = False
 
@@ -627,36 +655,50 @@ class TaskPicker:
         self.rejected = tasks.rejected
         journaled = {key.rsplit("/", 1)[1] for keys in _journal(self.client, self.queue).values() for key in keys}
         self.finished |= journaled
-        names = [name for name in tasks.names if name not in self.finished]
-        random.shuffle(names)
-        self._candidates, self._busy = deque(names), []
+        self._order = [name for name in tasks.names if name not in self.finished]
+        self._visited = bytearray(len(self._order))
+        self._left, self._jump, self._busy = len(self._order), True, []
         self._hits = self._misses = 0
         self._fresh = True
 
+    def _next_candidate(self) -> str:
+        size = len(self._order)
+        position = random.randrange(size) if self._jump else self._position % size
+        while self._visited[position]:
+            position = (position + 1) % size
+        self._visited[position] = 1
+        self._left -= 1
+        self._position = position + 1
+        return self._order[position]
+
     def _try(self, name: str, take_over: bool) -> Lease | None:
+        token = self._tokens.setdefault(name, uuid.uuid4().hex)
         try:
-            lease = claim(self.client, self.queue, name, self.owner, self.instance_id, take_over=take_over)
+            lease = claim(self.client, self.queue, name, self.owner, self.instance_id, take_over, token)
         except ClaimConflict:
             self._busy.append(name)
         except TaskFinished:
             self.finished.add(name)
+            self._tokens.pop(name)
         else:
+            self._tokens.pop(name)
             self._hits += 1
-            self._fresh = False
+            self._fresh = self._jump = False
             return lease
         self._misses += 1
+        self._jump = True
         return None
 
     def next(self) -> Lease | None:
         """The next claimed task, or None once nothing is pending or held by anyone."""
-        if not self._candidates and not self._busy:
+        if not self._left and not self._busy:
             self._refresh()
         while True:
-            while self._candidates:
+            while self._left:
                 if self._misses >= 4 and self._misses > self._hits and not self._fresh:
                     self._refresh()
                     continue
-                lease = self._try(self._candidates.popleft(), take_over=False)
+                lease = self._try(self._next_candidate(), take_over=False)
                 if lease:
                     return lease
             if not self._busy:

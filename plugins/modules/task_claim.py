@@ -22,7 +22,8 @@ description:
   - The claim protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
     adapts it. Hand the returned RV(task) to M(cicc.cloud.task_complete) or M(cicc.cloud.task_release).
   - A task whose output already exists, or that is recorded failed, is not claimed; the claim records it as
-    finished (when that was not recorded yet) and returns RV(state).
+    finished (when that was not recorded yet) and returns RV(state). That is reported as a change - the lock
+    was taken and let go - as is a claim itself. A claim refused because of a live lease changes nothing.
   - When a claim's reply was lost (the run was interrupted), pass the RV(task.token) of that claim, if known, as
     O(token) to find the claim again rather than fail against one's own lock.
 author:
@@ -161,7 +162,9 @@ task:
       returned: when RV(claimed) is true
       sample: operator
     token:
-      description: Identifies this claim; pass it as O(token) to find the claim again after a lost reply.
+      description:
+        - Identifies this claim; pass it as O(token) to find the claim again after a lost reply.
+        - In check mode, O(token) as given.
       type: str
       returned: when RV(claimed) is true
       sample: 3f1c8e0b9d5a4a7c9f0e2b6d1a8c4e7f
@@ -311,7 +314,7 @@ def claim_next(client, module, queue):
         else:
             wrote = True  # the claim journals a found output, or records a task out of attempts
     if busy:
-        reason = f"every pending task is held by another owner: {', '.join(busy)}"
+        reason = f"every pending task is under a live lease: {', '.join(busy)}"
     else:
         reason = "no task is pending"
     module.exit_json(changed=wrote, claimed=False, task={}, reason=reason)

@@ -198,12 +198,13 @@ def main():
 
     try:
         task_queue.check_name(lease.name)
-        task = {"name": lease.name, "state": "completed", "output": queue.output_key(lease.name)}
+        output = queue.output_key(lease.name)
+        task = {"name": lease.name, "state": "completed", "output": output}
         if already_completed(client, queue, lease.name):
             module.exit_json(changed=False, task=task)
         if module.check_mode:
-            if not _exists(client, queue.bucket, queue.output_key(lease.name)):
-                module.fail_json(msg=f"task {lease.name} has no output {queue.output_key(lease.name)}; publish it first")
+            if not _exists(client, queue.bucket, output):
+                module.fail_json(msg=f"task {lease.name} has no output {output}; publish it first")
         else:
             task_queue.complete(client, queue, lease)
     except task_queue.QueueError as e:
