@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark of the boot worker (not a test): per-task wall time against a bare docker run.
 
 The issue's target: the worker's per-task wall time is at most 1.5 x that of a bare ``docker run``
@@ -273,7 +272,7 @@ def _bare_docker_run(docker_client, image: str, task_dir: Path, name: str, outpu
 def run_baseline(mods, endpoint: str, objects, names, image: str, tmp: Path) -> dict:
     import docker
 
-    task_queue, dataset, _ = mods
+    task_queue, dataset = mods[0], mods[1]
     setup = new_client(endpoint)
     bucket = fill_bucket(setup, objects)
     client = new_client(endpoint)
@@ -431,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     except docker.errors.ImageNotFound:
         raise SystemExit(f"image {args.image} is absent: build it with scripts/process-image.sh") from None
     objects = mods[1].build_dataset(inputs=args.tasks, input_size=args.size, done=0)
-    names, _ = mods[1].task_names(args.tasks, 0)
+    names = mods[1].task_names(args.tasks, 0)[0]
 
     print(
         f"worker vs bare docker run: {args.tasks} tasks of {args.size} bytes, image {args.image}, {args.repeats} repeats"

@@ -1,0 +1,59 @@
+# -*- coding: utf-8 -*-
+# Copyright: cicc.cloud contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The modules' side of the task queue: what task_claim, task_complete, task_release and task_info share.
+
+Their common options (documented by the cicc.cloud.task_queue doc fragment), the task_queue.Queue and
+task_queue.Lease built from their parameters, and the failed result an error of the protocol gives.
+The protocol itself stays in task_queue, which the boot worker runs too and which never imports Ansible.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+try:
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+except ImportError:
+    pass  # handled by AnsibleAWSModule
+
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+
+QUEUE_ARGUMENT_SPEC = dict(
+    bucket=dict(type="str", required=True),
+    prefix=dict(type="str", default=""),
+    lease_seconds=dict(type="int", default=120),
+    max_attempts=dict(type="int", default=3),
+)
+
+# The lease task_claim returns (RV task), as task_complete and task_release take it back.
+LEASE_ARGUMENT_SPEC = dict(
+    name=dict(type="str", required=True),
+    owner=dict(type="str", required=True),
+    token=dict(type="str", required=True, no_log=False),
+    etag=dict(type="str", required=True),
+    attempts=dict(type="int", default=1),
+)
+
+
+def queue_from_params(params: dict) -> task_queue.Queue:
+    return task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
+
+
+def lease_from_params(params: dict) -> task_queue.Lease:
+    return task_queue.Lease(
+        params["name"], params["owner"], params["token"], params["etag"], params["attempts"], "", params["lease_seconds"]
+    )
+
+
+@contextmanager
+def queue_errors(module, queue: task_queue.Queue, action: str):
+    """Fail the module on an error in the block: a QueueError with its own message (it names the task and what is
+    wrong), an S3 error through fail_json_aws with "Couldn't <action> in s3://<bucket>/<prefix>"."""
+    try:
+        yield
+    except task_queue.QueueError as e:
+        module.fail_json(msg=str(e))
+    except (BotoCoreError, ClientError) as e:
+        module.fail_json_aws(e, msg=f"Couldn't {action} in s3://{queue.bucket}/{queue.prefix}")
