@@ -18,7 +18,7 @@ echo "==> Starting $workers workers on s3://$bucket/$prefix"
 pids=()
 for i in $(seq 1 "$workers"); do
   python worker/cicc_worker.py --bucket "$bucket" --prefix "$prefix" --endpoint-url "$AWS_ENDPOINT_URL" \
-    --instance-id "local-worker-$i" --workdir "/var/lib/cicc/demo/worker-$i" 2>&1 | sed "s/^/[worker-$i] /" &
+    --instance-id "local-worker-$i" --workdir /var/lib/cicc/demo 2>&1 | sed "s/^/[worker-$i] /" &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done

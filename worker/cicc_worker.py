@@ -34,6 +34,8 @@ import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import boto3
+
 try:
     from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 except ImportError:  # on an instance the worker role installs task_queue.py beside this file
@@ -55,6 +57,8 @@ class Settings:
     region: str = "us-east-1"
     endpoint_url: str = ""
     instance_id: str = ""
+    # On the local cloud each instance's container gets this file in place of IMDS.
+    identity_file: str = "/etc/cicc/identity.json"
     workdir: str = "/var/lib/cicc/work"
     image: str = "cicc-process:latest"
     lease_seconds: int = 120
@@ -182,7 +186,8 @@ class Worker:
         self.settings, self.client, self.runner = settings, client, runner
         self.queue = settings.queue()
         self.owner = owner or settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.workdir = Path(settings.workdir).resolve()
+        # Instances of the local cloud share the host's work directory: each worker keeps to its own.
+        self.workdir = (Path(settings.workdir) / self.owner).resolve()
         self.done: list[str] = []
         self.failed: list[str] = []
 
@@ -296,8 +301,13 @@ class Worker:
 # --- identity, log and exit -----------------------------------------------------------------------
 
 
-def imds_instance_id(timeout: float = 2.0) -> str:
-    """This instance's id through IMDSv2 (a session token first), or "" off EC2."""
+def instance_identity(settings: Settings, timeout: float = 2.0) -> str:
+    """This instance's id: from the identity file the local cloud provides, else through IMDSv2
+    (a session token first), or "" off EC2."""
+    try:
+        return json.loads(Path(settings.identity_file).read_text())["instance_id"]
+    except (OSError, ValueError, KeyError):
+        pass
     try:
         request = urllib.request.Request(
             f"{IMDS}/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
@@ -347,21 +357,19 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as error:
         print(f"cicc-worker: {error}", file=sys.stderr)
         return EXIT_UNWORKABLE
-    if not settings.instance_id and settings.exit_action == "terminate":
-        settings.instance_id = imds_instance_id()
-    log_file = Path(settings.workdir) / "log.txt"
+    if not settings.instance_id:
+        settings.instance_id = instance_identity(settings)
+    session = boto3.session.Session()
+    client = session.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url or None)
+    runner = DockerRunner(settings.image) if args.runner == "docker" else ProcessRunner(args.program)
+    worker = Worker(settings, client, runner)
+    log_file = worker.workdir / "log.txt"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
         handlers=[logging.StreamHandler(), logging.FileHandler(log_file)],
     )
-    import boto3
-
-    session = boto3.session.Session()
-    client = session.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url or None)
-    runner = DockerRunner(settings.image) if args.runner == "docker" else ProcessRunner(args.program)
-    worker = Worker(settings, client, runner)
     try:
         code = worker.run()
     except Exception:  # noqa: BLE001 - logged in full, then the exit action still runs

@@ -42,9 +42,9 @@ def queue_from_params(params: dict) -> task_queue.Queue:
 
 
 def lease_from_params(params: dict) -> task_queue.Lease:
-    return task_queue.Lease(
-        params["name"], params["owner"], params["token"], params["etag"], params["attempts"], "", params["lease_seconds"]
-    )
+    """The lease named by the LEASE_ARGUMENT_SPEC options, with the queue's lease length."""
+    fields = {key: params[key] for key in LEASE_ARGUMENT_SPEC}
+    return task_queue.Lease(lease_seconds=params["lease_seconds"], **fields)
 
 
 @contextmanager

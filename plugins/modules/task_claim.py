@@ -26,30 +26,12 @@ description:
     was taken and let go - as is a claim itself. A claim refused because of a live lease changes nothing.
   - When a claim's reply was lost (the run was interrupted), pass the RV(task.token) of that claim, if known, as
     O(token) to find the claim again rather than fail against one's own lock.
+  - O(lease_seconds) is the length of the lease taken. A lock older than its lease, by S3's clock, may be taken over.
+  - Taking over an expired lease counts an attempt; a task whose O(max_attempts) attempts are used up is recorded
+    failed instead of being claimed.
 author:
   - cicc.cloud developers (!UNKNOWN)
 options:
-  bucket:
-    description:
-      - Name of the S3 bucket that holds the queue.
-    required: true
-    type: str
-  prefix:
-    description:
-      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
-    default: ""
-    type: str
-  lease_seconds:
-    description:
-      - Length of the lease in seconds. A lock older than its lease, by S3's clock, may be taken over.
-    default: 120
-    type: int
-  max_attempts:
-    description:
-      - Number of attempts a task gets. Taking over an expired lease counts an attempt; a task whose attempts
-        are used up is recorded failed instead of being claimed.
-    default: 3
-    type: int
   name:
     description:
       - Name of the task to claim, as C(tasklist.txt) lists it (for example C(in3.dat)).
@@ -72,6 +54,7 @@ options:
     default: ""
     type: str
 extends_documentation_fragment:
+  - cicc.cloud.task_queue
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
@@ -205,36 +188,12 @@ state:
   sample: completed
 """
 
-import json
-
-try:
-    from botocore.exceptions import BotoCoreError
-    from botocore.exceptions import ClientError
-except ImportError:
-    pass  # handled by AnsibleAWSModule
-
-from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
-
-_MISSING = ["404", "NoSuchKey", "NotFound"]
-
-
-def _exists(client, bucket, key):
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-    except is_boto3_error_code(_MISSING):
-        return False
-    return True
-
-
-def _lock_token(client, queue, name):
-    try:
-        body = client.get_object(Bucket=queue.bucket, Key=queue.lock_key(name))["Body"].read()
-    except is_boto3_error_code(_MISSING):
-        return None
-    return json.loads(body).get("token")
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_ARGUMENT_SPEC
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
 
 
 def _candidates(status, owner, token):
@@ -253,16 +212,16 @@ def _predict(client, queue, name, held, params):
     """What a claim of ``name`` would do, by reading only: ("claim", task), ("held", reason) or ("finished", state)."""
     attempts = 1
     if held is not None:
-        mine = params["token"] and _lock_token(client, queue, name) == params["token"]
+        lock = task_queue.read_lock(client, queue, name) if params["token"] else None
+        mine = lock is not None and lock[0].get("token") == params["token"]
         if not mine and not held["expired"]:
             return "held", f"task {name} is held by {held['owner']} (lease {held['lease_age_seconds']:.0f} s old)"
         attempts = held["attempts"] if mine else held["attempts"] + 1
         if attempts > queue.max_attempts:
             return "finished", "failed"
-    if _exists(client, queue.bucket, queue.output_key(name)):
-        return "finished", "completed"
-    if _exists(client, queue.bucket, queue.failed_key(name)):
-        return "finished", "failed"
+    state = task_queue.finished_state(client, queue, name)
+    if state:
+        return "finished", state
     lease = task_queue.Lease(
         name, params["owner"], params["token"], "", attempts, params["instance_id"], queue.lease_seconds
     )
@@ -322,10 +281,7 @@ def claim_next(client, module, queue):
 
 def main():
     argument_spec = dict(
-        bucket=dict(type="str", required=True),
-        prefix=dict(type="str", default=""),
-        lease_seconds=dict(type="int", default=120),
-        max_attempts=dict(type="int", default=3),
+        QUEUE_ARGUMENT_SPEC,
         name=dict(type="str"),
         owner=dict(type="str", required=True),
         instance_id=dict(type="str", default=""),
@@ -337,19 +293,15 @@ def main():
     params = module.params
     if params["lease_seconds"] < 1 or params["max_attempts"] < 1:
         module.fail_json(msg="lease_seconds and max_attempts must be at least 1")
-    queue = task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
+    queue = queue_from_params(params)
     client = module.client("s3")
 
-    try:
+    with queue_errors(module, queue, "claim a task of the queue"):
         if params["name"] is not None:
             task_queue.check_name(params["name"])
             claim_named(client, module, queue)
         else:
             claim_next(client, module, queue)
-    except task_queue.QueueError as e:
-        module.fail_json(msg=str(e))
-    except (BotoCoreError, ClientError) as e:
-        module.fail_json_aws(e, msg=f"Couldn't claim a task of the queue in s3://{queue.bucket}/{queue.prefix}")
 
 
 if __name__ == "__main__":

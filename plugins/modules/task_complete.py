@@ -22,29 +22,10 @@ description:
   - Completing a task that is already recorded completed and whose lock is gone changes nothing.
   - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
     adapts it.
+  - O(lease_seconds) and O(max_attempts) are the ones given to M(cicc.cloud.task_claim).
 author:
   - cicc.cloud developers (!UNKNOWN)
 options:
-  bucket:
-    description:
-      - Name of the S3 bucket that holds the queue.
-    required: true
-    type: str
-  prefix:
-    description:
-      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
-    default: ""
-    type: str
-  lease_seconds:
-    description:
-      - Length of the lease in seconds, as given to M(cicc.cloud.task_claim).
-    default: 120
-    type: int
-  max_attempts:
-    description:
-      - Number of attempts a task gets, as given to M(cicc.cloud.task_claim).
-    default: 3
-    type: int
   name:
     description:
       - Name of the claimed task (RV(cicc.cloud.task_claim#module:task.name)).
@@ -72,6 +53,7 @@ options:
     default: 1
     type: int
 extends_documentation_fragment:
+  - cicc.cloud.task_queue
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
@@ -139,34 +121,30 @@ task:
       sample: out3.dat
 """
 
-try:
-    from botocore.exceptions import BotoCoreError
-    from botocore.exceptions import ClientError
-except ImportError:
-    pass  # handled by AnsibleAWSModule
-
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import LEASE_ARGUMENT_SPEC
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_ARGUMENT_SPEC
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import lease_from_params
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
 
 _MISSING = ["404", "NoSuchKey", "NotFound"]
 
 
-def _exists(client, bucket, key):
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-    except is_boto3_error_code(_MISSING):
-        return False
-    return True
-
-
 def already_completed(client, queue, name):
-    """Recorded completed (in the journal or in completed.txt) with its lock gone: nothing left to do."""
-    if _exists(client, queue.bucket, queue.lock_key(name)):
+    """Recorded completed (in the journal or in completed.txt) with its lock gone: nothing left to do.
+
+    task_queue has no public read of the journal or of completed.txt, hence the two reads of them here."""
+    if task_queue.read_lock(client, queue, name) is not None:
         return False
-    if _exists(client, queue.bucket, queue.journal_key("completed", name)):
+    try:
+        client.head_object(Bucket=queue.bucket, Key=queue.journal_key("completed", name))
         return True
+    except is_boto3_error_code(_MISSING):
+        pass
     try:
         listed = client.get_object(Bucket=queue.bucket, Key=queue.key(task_queue.COMPLETED))["Body"].read()
     except is_boto3_error_code(_MISSING):
@@ -175,42 +153,25 @@ def already_completed(client, queue, name):
 
 
 def main():
-    argument_spec = dict(
-        bucket=dict(type="str", required=True),
-        prefix=dict(type="str", default=""),
-        lease_seconds=dict(type="int", default=120),
-        max_attempts=dict(type="int", default=3),
-        name=dict(type="str", required=True),
-        owner=dict(type="str", required=True),
-        token=dict(type="str", required=True, no_log=False),
-        etag=dict(type="str", required=True),
-        attempts=dict(type="int", default=1),
-    )
+    argument_spec = dict(QUEUE_ARGUMENT_SPEC, **LEASE_ARGUMENT_SPEC)
 
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
 
-    params = module.params
-    queue = task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
-    lease = task_queue.Lease(
-        params["name"], params["owner"], params["token"], params["etag"], params["attempts"], "", queue.lease_seconds
-    )
+    queue = queue_from_params(module.params)
+    lease = lease_from_params(module.params)
     client = module.client("s3")
 
-    try:
+    with queue_errors(module, queue, f"complete task {lease.name}"):
         task_queue.check_name(lease.name)
         output = queue.output_key(lease.name)
         task = {"name": lease.name, "state": "completed", "output": output}
         if already_completed(client, queue, lease.name):
             module.exit_json(changed=False, task=task)
         if module.check_mode:
-            if not _exists(client, queue.bucket, output):
+            if task_queue.finished_state(client, queue, lease.name) != "completed":
                 module.fail_json(msg=f"task {lease.name} has no output {output}; publish it first")
         else:
             task_queue.complete(client, queue, lease)
-    except task_queue.QueueError as e:
-        module.fail_json(msg=str(e))
-    except (BotoCoreError, ClientError) as e:
-        module.fail_json_aws(e, msg=f"Couldn't complete task {lease.name} in s3://{queue.bucket}/{queue.prefix}")
     module.exit_json(changed=True, task=task)
 
 

@@ -23,35 +23,18 @@ description:
     workers do when the queue is drained. Only then does the module write.
   - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
     adapts it.
+  - O(lease_seconds) serves only for locks that do not record their own lease length. O(max_attempts) is the one
+    given to M(cicc.cloud.task_claim).
 author:
   - cicc.cloud developers (!UNKNOWN)
 options:
-  bucket:
-    description:
-      - Name of the S3 bucket that holds the queue.
-    required: true
-    type: str
-  prefix:
-    description:
-      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
-    default: ""
-    type: str
-  lease_seconds:
-    description:
-      - Length of a lease in seconds, for locks that do not record their own.
-    default: 120
-    type: int
-  max_attempts:
-    description:
-      - Number of attempts a task gets, as given to M(cicc.cloud.task_claim).
-    default: 3
-    type: int
   compact:
     description:
       - Fold the journal into the lists before reading the queue. This writes to the bucket (not in check mode).
     default: false
     type: bool
 extends_documentation_fragment:
+  - cicc.cloud.task_queue
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
@@ -224,15 +207,12 @@ compacted:
       sample: 0
 """
 
-try:
-    from botocore.exceptions import BotoCoreError
-    from botocore.exceptions import ClientError
-except ImportError:
-    pass  # handled by AnsibleAWSModule
-
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_ARGUMENT_SPEC
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
 
 
 def compact(client, queue, status):
@@ -244,22 +224,16 @@ def compact(client, queue, status):
 
 
 def main():
-    argument_spec = dict(
-        bucket=dict(type="str", required=True),
-        prefix=dict(type="str", default=""),
-        lease_seconds=dict(type="int", default=120),
-        max_attempts=dict(type="int", default=3),
-        compact=dict(type="bool", default=False),
-    )
+    argument_spec = dict(QUEUE_ARGUMENT_SPEC, compact=dict(type="bool", default=False))
 
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
 
     params = module.params
-    queue = task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
+    queue = queue_from_params(params)
     client = module.client("s3")
 
     result = {"changed": False}
-    try:
+    with queue_errors(module, queue, "read the queue"):
         status = task_queue.queue_status(client, queue)
         if params["compact"] and module.check_mode:
             result["changed"] = bool(status["journaled"] or status["rejected"])
@@ -267,10 +241,6 @@ def main():
             result["changed"], result["compacted"] = compact(client, queue, status)
             if result["changed"]:
                 status = task_queue.queue_status(client, queue)
-    except task_queue.QueueError as e:
-        module.fail_json(msg=str(e))
-    except (BotoCoreError, ClientError) as e:
-        module.fail_json_aws(e, msg=f"Couldn't read the queue in s3://{queue.bucket}/{queue.prefix}")
     module.exit_json(queue=status, **result)
 
 

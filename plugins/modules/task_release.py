@@ -25,30 +25,10 @@ description:
     took the task over) makes the module fail without writing.
   - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
     adapts it.
+  - O(lease_seconds) is the one given to M(cicc.cloud.task_claim).
 author:
   - cicc.cloud developers (!UNKNOWN)
 options:
-  bucket:
-    description:
-      - Name of the S3 bucket that holds the queue.
-    required: true
-    type: str
-  prefix:
-    description:
-      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
-    default: ""
-    type: str
-  lease_seconds:
-    description:
-      - Length of the lease in seconds, as given to M(cicc.cloud.task_claim).
-    default: 120
-    type: int
-  max_attempts:
-    description:
-      - Number of attempts a task gets. When O(error) is set and O(attempts) reached it, the task is recorded
-        failed.
-    default: 3
-    type: int
   name:
     description:
       - Name of the claimed task (RV(cicc.cloud.task_claim#module:task.name)).
@@ -88,6 +68,7 @@ options:
     choices: [released, failed]
     type: str
 extends_documentation_fragment:
+  - cicc.cloud.task_queue
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
@@ -162,50 +143,27 @@ task:
       sample: pending
 """
 
-import json
-
-try:
-    from botocore.exceptions import BotoCoreError
-    from botocore.exceptions import ClientError
-except ImportError:
-    pass  # handled by AnsibleAWSModule
-
-from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
-
-_MISSING = ["404", "NoSuchKey", "NotFound"]
-
-
-def _lock(client, queue, name):
-    """The lock's (body, ETag), or None when there is none."""
-    try:
-        response = client.get_object(Bucket=queue.bucket, Key=queue.lock_key(name))
-    except is_boto3_error_code(_MISSING):
-        return None
-    return json.loads(response["Body"].read()), response["ETag"]
-
-
-def _recorded_failed(client, queue, name):
-    try:
-        client.head_object(Bucket=queue.bucket, Key=queue.failed_key(name))
-    except is_boto3_error_code(_MISSING):
-        return False
-    return True
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import LEASE_ARGUMENT_SPEC
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_ARGUMENT_SPEC
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import lease_from_params
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
 
 
 def settled_state(client, queue, lease):
     """The task's state when this lease was already given back (a re-run), None while the lease holds the lock.
     Fails when another owner holds the task now: this lease has nothing left to give back."""
-    lock = _lock(client, queue, lease.name)
+    lock = task_queue.read_lock(client, queue, lease.name)
     if lock is not None and lock[1] == lease.etag:
         return None
-    if _recorded_failed(client, queue, lease.name):
+    if task_queue.finished_state(client, queue, lease.name) == "failed":
         return "failed"
     if lock is None:
         return "pending"
-    held, _etag = lock
+    held = lock[0]
     if held.get("token") == lease.token and held.get("lease_seconds") == 0:
         return "pending"  # released by this claim, not yet taken by anyone
     raise task_queue.LeaseLost(f"lease on {lease.name} lost: {held.get('owner')} holds the task now")
@@ -221,15 +179,8 @@ def predicted_state(queue, lease, params):
 
 def main():
     argument_spec = dict(
-        bucket=dict(type="str", required=True),
-        prefix=dict(type="str", default=""),
-        lease_seconds=dict(type="int", default=120),
-        max_attempts=dict(type="int", default=3),
-        name=dict(type="str", required=True),
-        owner=dict(type="str", required=True),
-        token=dict(type="str", required=True, no_log=False),
-        etag=dict(type="str", required=True),
-        attempts=dict(type="int", default=1),
+        QUEUE_ARGUMENT_SPEC,
+        **LEASE_ARGUMENT_SPEC,
         error=dict(type="str"),
         state=dict(type="str", default="released", choices=["released", "failed"]),
     )
@@ -241,13 +192,11 @@ def main():
     params = module.params
     if params["state"] == "failed" and not params["error"]:
         module.fail_json(msg="state=failed needs the reason in error")
-    queue = task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
-    lease = task_queue.Lease(
-        params["name"], params["owner"], params["token"], params["etag"], params["attempts"], "", queue.lease_seconds
-    )
+    queue = queue_from_params(params)
+    lease = lease_from_params(params)
     client = module.client("s3")
 
-    try:
+    with queue_errors(module, queue, f"release task {lease.name}"):
         task_queue.check_name(lease.name)
         state = settled_state(client, queue, lease)
         if state is not None:
@@ -259,10 +208,6 @@ def main():
             state = "failed"
         else:
             state = task_queue.release(client, queue, lease, params["error"] or "")
-    except task_queue.QueueError as e:
-        module.fail_json(msg=str(e))
-    except (BotoCoreError, ClientError) as e:
-        module.fail_json_aws(e, msg=f"Couldn't release task {lease.name} in s3://{queue.bucket}/{queue.prefix}")
     module.exit_json(changed=True, task={"name": lease.name, "state": state})
 
 

@@ -147,7 +147,7 @@ def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, emulator, tmp_
     finally:
         os.kill(paused.pid, signal.SIGCONT)
     assert paused.wait(60) == 0
-    log = (tmp_path / "paused" / "log.txt").read_text()
+    log = (tmp_path / "paused" / "i-paused" / "log.txt").read_text()
     assert "lost" in log and "completed in1.dat" not in log
     assert s3.head_object(Bucket=bucket, Key="out1.dat")["ETag"] == published
     _assert_drained(s3, bucket, ["in1.dat"])
