@@ -137,11 +137,10 @@ def inline_runner(process_module, worker_module):
 @pytest.fixture
 def make_worker(emulator, bucket, tmp_path, worker_module):
     """Build a worker on the test bucket with its own S3 client and work directory."""
-    import boto3
 
     def make(runner, owner: str = "w1", **settings):
-        client = boto3.session.Session().client("s3", endpoint_url=emulator, region_name=REGION)
-        options = {"bucket": bucket, "workdir": str(tmp_path / owner), "lease_seconds": 30, **settings}
-        return worker_module.Worker(worker_module.Settings(**options), client, runner, owner=owner)
+        options = {"bucket": bucket, "workdir": str(tmp_path), "lease_seconds": 30, "endpoint_url": emulator}
+        worker_settings = worker_module.Settings(**{**options, **settings})
+        return worker_module.Worker(worker_settings, worker_module.s3_client(worker_settings), runner, owner=owner)
 
     return make

@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import boto3
+from botocore.config import Config
 
 try:
     from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
@@ -84,6 +85,14 @@ class Settings:
 
     def queue(self) -> task_queue.Queue:
         return task_queue.Queue(self.bucket, self.prefix, self.lease_seconds, self.max_attempts)
+
+
+def s3_client(settings: Settings, session=None):
+    """The worker's S3 client: S3 answers 500/503 now and then under load; retry those patiently
+    rather than give up a claimed task."""
+    session = session or boto3.session.Session()
+    config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=4)
+    return session.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url or None, config=config)
 
 
 # --- processing -----------------------------------------------------------------------------------
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.instance_id:
         settings.instance_id = instance_identity(settings)
     session = boto3.session.Session()
-    client = session.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url or None)
+    client = s3_client(settings, session)
     runner = DockerRunner(settings.image) if args.runner == "docker" else ProcessRunner(args.program)
     worker = Worker(settings, client, runner)
     log_file = worker.workdir / "log.txt"
