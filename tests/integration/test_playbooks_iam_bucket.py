@@ -1,0 +1,554 @@
+"""The bucket, iam and teardown playbooks and the settings check, against the emulator.
+
+Each playbook runs in a real ansible-playbook process, as in test_dataset_playbook.py: the AWS_* variables
+are removed from its environment, so the emulator is reached only through `module_defaults`. Every test has
+a project name (the `project` tag, the IAM path) and a bucket of its own, so teardown - which removes all
+that carries the project's tag - never touches another test's resources. These tests have an emulator of
+their own too: on the local target teardown also reconciles the Docker Engine with the emulator's EC2 state
+(cicc.cloud.local_instances), which must not act on other tests' instances and AMIs. The playbooks run with
+the static inventory only: they act on localhost, and the dynamic EC2 inventory is for the steps that
+configure instances.
+
+The least-privilege test uses a second emulator with IAM enforcement on (INITIAL_NO_AUTH_ACTION_COUNT): the
+worker's inline policy that iam.yml applies is given to a user, whose keys must do the worker's job in its
+bucket and prefix and be refused everywhere else.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+ROOT = Path(__file__).resolve().parents[2]
+REGION = "us-east-1"
+TIMEOUT = 300
+INPUT_SIZE = 1_000
+_RECAP = re.compile(r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
+WORKER_S3_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+
+
+# --- running playbooks ------------------------------------------------------------------------------------
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.update(
+        PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_DEPRECATION_WARNINGS="0",
+        **extra,
+    )
+    return env
+
+
+def _playbook(name: str, settings: dict, *args: str, **env: str) -> subprocess.CompletedProcess:
+    command = ["ansible-playbook", "-i", "inventory/hosts.yml", f"playbooks/{name}", "-e", json.dumps(settings), *args]
+    return subprocess.run(
+        command, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+
+
+def _recap(result: subprocess.CompletedProcess) -> dict[str, int]:
+    found = _RECAP.search(result.stdout)
+    assert found, f"no PLAY RECAP in:\n{result.stdout}\n{result.stderr}"
+    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, found.groups())))
+
+
+def _ok(result: subprocess.CompletedProcess) -> dict[str, int]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return _recap(result)
+
+
+def _flat(result: subprocess.CompletedProcess) -> str:
+    """stdout + stderr with the YAML callback's line wrapping undone."""
+    return " ".join((result.stdout + result.stderr).split())
+
+
+def _task_result(result: subprocess.CompletedProcess, task: str) -> dict:
+    """The result a task printed, from a run with ANSIBLE_CALLBACK_RESULT_FORMAT=json."""
+    text = result.stdout
+    start = text.index(f"TASK [{task}]")
+    start = text.index("=> ", start) + len("=> ")
+    return json.JSONDecoder().raw_decode(text, start)[0]
+
+
+# --- reading the emulator ---------------------------------------------------------------------------------
+
+
+def _clients(endpoint: str, key: str = "testing", secret: str = "testing") -> dict:
+    session = boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret, region_name=REGION)
+    return {name: session.client(name, endpoint_url=endpoint) for name in ("s3", "iam", "ec2", "sts")}
+
+
+def _buckets(s3) -> set[str]:
+    return {item["Name"] for item in s3.list_buckets()["Buckets"]}
+
+
+def _tagged(aws: dict, project: str, bucket: str) -> dict[str, list[str]]:
+    """Everything on the emulator that carries the project's tag (IAM: under its path), by kind."""
+    ec2, iam, s3 = aws["ec2"], aws["iam"], aws["s3"]
+    tag = {"Name": "tag:project", "Values": [project]}
+    owner = aws["sts"].get_caller_identity()["Account"]
+    reservations = ec2.describe_instances(Filters=[tag, {"Name": "instance-state-name", "Values": LIVE_STATES}])
+    found = {
+        "instances": [i["InstanceId"] for r in reservations["Reservations"] for i in r["Instances"]],
+        "images": [i["ImageId"] for i in ec2.describe_images(Owners=["self"], Filters=[tag])["Images"]],
+        "snapshots": [
+            s["SnapshotId"]
+            for s in ec2.describe_snapshots(Filters=[tag, {"Name": "owner-id", "Values": [owner]}])["Snapshots"]
+        ],
+        "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=[tag])["SecurityGroups"]],
+        "key_pairs": [k["KeyName"] for k in ec2.describe_key_pairs(Filters=[tag])["KeyPairs"]],
+        "roles": [r["RoleName"] for r in iam.list_roles(PathPrefix=f"/{project}/")["Roles"]],
+        "instance_profiles": [
+            p["InstanceProfileName"] for p in iam.list_instance_profiles(PathPrefix=f"/{project}/")["InstanceProfiles"]
+        ],
+        "buckets": [bucket] if bucket in _buckets(s3) else [],
+    }
+    return {kind: ids for kind, ids in found.items() if ids}
+
+
+def _seed_ec2(ec2, project: str) -> dict[str, list[str]]:
+    """What the later steps (base instance, image, fleet) will leave tagged, made by hand until they exist."""
+
+    def tags(kind: str, **extra: str) -> list[dict]:
+        return [
+            {"ResourceType": kind, "Tags": [{"Key": k, "Value": v} for k, v in {"project": project, **extra}.items()]}
+        ]
+
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    instances = ec2.run_instances(
+        ImageId=ami, MinCount=2, MaxCount=2, InstanceType="c4.large", TagSpecifications=tags("instance", role="worker")
+    )["Instances"]
+    image = ec2.create_image(
+        InstanceId=instances[0]["InstanceId"], Name=f"{project}-image", TagSpecifications=tags("image")
+    )
+    # The emulator cannot tag snapshots in CreateImage; AWS can, and the image step will.
+    image_snapshot = ec2.describe_images(ImageIds=[image["ImageId"]])["Images"][0]["BlockDeviceMappings"][0]["Ebs"]
+    ec2.create_tags(Resources=[image_snapshot["SnapshotId"]], Tags=[{"Key": "project", "Value": project}])
+    volume = ec2.create_volume(AvailabilityZone=f"{REGION}a", Size=1)["VolumeId"]
+    snapshot = ec2.create_snapshot(VolumeId=volume, TagSpecifications=tags("snapshot"))["SnapshotId"]
+    ec2.delete_volume(VolumeId=volume)
+    group = ec2.create_security_group(
+        GroupName=f"{project}-workers", Description="no inbound rule", TagSpecifications=tags("security-group")
+    )["GroupId"]
+    key = ec2.create_key_pair(KeyName=f"{project}-key", TagSpecifications=tags("key-pair"))["KeyName"]
+    return {
+        "instances": sorted(i["InstanceId"] for i in instances),
+        "images": [image["ImageId"]],
+        "snapshots": sorted([image_snapshot["SnapshotId"], snapshot]),
+        "security_groups": [group],
+        "key_pairs": [key],
+    }
+
+
+def _cleanup(aws: dict, project: str, bucket: str) -> None:
+    """Whatever a failed test left behind, removed with boto3 (not with the playbook under test)."""
+    ec2, iam, s3 = aws["ec2"], aws["iam"], aws["s3"]
+    left = _tagged(aws, project, bucket)
+    if left.get("instances"):
+        ec2.terminate_instances(InstanceIds=left["instances"])
+    for image in left.get("images", []):
+        ec2.deregister_image(ImageId=image)
+    for snapshot in left.get("snapshots", []):
+        ec2.delete_snapshot(SnapshotId=snapshot)
+    for group in left.get("security_groups", []):
+        ec2.delete_security_group(GroupId=group)
+    for key in left.get("key_pairs", []):
+        ec2.delete_key_pair(KeyName=key)
+    for profile in left.get("instance_profiles", []):
+        for role in iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]["Roles"]:
+            iam.remove_role_from_instance_profile(InstanceProfileName=profile, RoleName=role["RoleName"])
+        iam.delete_instance_profile(InstanceProfileName=profile)
+    for role in left.get("roles", []):
+        for policy in iam.list_role_policies(RoleName=role)["PolicyNames"]:
+            iam.delete_role_policy(RoleName=role, PolicyName=policy)
+        iam.delete_role(RoleName=role)
+    if left.get("buckets"):
+        for item in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=item["Key"])
+        s3.delete_bucket(Bucket=bucket)
+
+
+def _start_moto(**env: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            return proc, endpoint
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def own_emulator():
+    """A moto server for this module's tests alone."""
+    proc, endpoint = _start_moto()
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def project(own_emulator):
+    """Settings of a project of its own on this module's emulator; everything it tagged is removed afterwards."""
+    name = f"cit-{uuid.uuid4().hex[:10]}"
+    settings = {
+        "cicc_emulator_port": urlparse(own_emulator).port,
+        "cicc_project": name,
+        "cicc_bucket": f"{name}-work",
+        "cicc_prefix": "run-1/",
+        "cicc_dataset_input_size": INPUT_SIZE,
+    }
+    yield settings
+    _cleanup(_clients(own_emulator), name, settings["cicc_bucket"])
+
+
+# --- settings ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("cicc_target", "gcp", "cicc_target is 'gcp': set it to local"),
+        ("cicc_region", "mars-1", "cicc_region is 'mars-1': set an AWS region code"),
+        ("cicc_bucket", "Cicc_Bucket", "cicc_bucket is 'Cicc_Bucket': an S3 bucket name has 3-63 lowercase"),
+        ("cicc_bucket", "192.168.1.1", "cicc_bucket is '192.168.1.1'"),
+        (
+            "cicc_prefix",
+            "run-1",
+            "cicc_prefix is 'run-1': leave it empty (the whole bucket) or set a key prefix ending",
+        ),
+        ("cicc_prefix", "/run-1/", "cicc_prefix is '/run-1/'"),
+        ("cicc_fleet_size", 0, "cicc_fleet_size is '0': set a whole number of workers, 1 or more"),
+        ("cicc_fleet_size", "three", "cicc_fleet_size is 'three'"),
+        ("cicc_spot", "maybe", "cicc_spot is 'maybe': set true"),
+        ("cicc_network_mode", "public", "cicc_network_mode is 'public': set default"),
+        ("cicc_s3_mount_tool", "goofys", "cicc_s3_mount_tool is 'goofys': set s3fs"),
+        ("cicc_instance_type", "", "cicc_instance_type is '': set an EC2 instance type such as c4.large"),
+        ("cicc_ssh_access", True, "cicc_ssh_access is true but cicc_operator_cidr is empty: set cicc_operator_cidr"),
+        ("cicc_operator_cidr", "0.0.0.0/0", "cicc_operator_cidr is '0.0.0.0/0': set your own address as a CIDR"),
+        ("cicc_project", "has space", "cicc_project is 'has space'"),
+        ("cicc_iam_path", "/", "cicc_iam_path is '/': set an IAM path of the project's own"),
+    ],
+)
+def test_validate_rejects_a_wrong_setting(setting: str, value, message: str) -> None:
+    result = _playbook("validate.yml", {setting: value})
+    assert result.returncode != 0
+    assert _recap(result)["failed"] == 1
+    text = _flat(result)
+    assert message in text
+    assert "Fix these settings (inventory/group_vars/all/settings.yml or -e NAME=VALUE)" in text
+
+
+def test_validate_accepts_the_defaults_and_good_values() -> None:
+    assert _ok(_playbook("validate.yml", {})) == {"ok": 0, "changed": 0, "unreachable": 0, "failed": 0}
+    good = {
+        "cicc_target": "aws",
+        "cicc_region": "eu-west-2",
+        "cicc_prefix": "runs/2025-12-13/",
+        "cicc_fleet_size": "7",
+        "cicc_spot": "true",
+        "cicc_network_mode": "private",
+        "cicc_s3_mount_tool": "mount-s3",
+        "cicc_ssh_access": True,
+        "cicc_operator_cidr": "203.0.113.7/32",
+        "cicc_instance_type": "t3a.micro",
+    }
+    assert _ok(_playbook("validate.yml", good))["failed"] == 0
+
+
+def test_step_playbooks_stop_before_any_change(own_emulator, project) -> None:
+    aws = _clients(own_emulator)
+    """Every problem is named at once, and a step with a wrong setting creates nothing."""
+    result = _playbook("bucket.yml", {**project, "cicc_target": "gcp", "cicc_fleet_size": 0})
+    assert result.returncode != 0
+    text = _flat(result)
+    assert "cicc_target is 'gcp'" in text and "cicc_fleet_size is '0'" in text
+    assert project["cicc_bucket"] not in _buckets(aws["s3"])
+    result = _playbook("iam.yml", {**project, "cicc_network_mode": "public"})
+    assert result.returncode != 0 and "cicc_network_mode is 'public'" in _flat(result)
+    assert not _tagged(aws, project["cicc_project"], project["cicc_bucket"])
+
+
+# --- bucket -> iam -> teardown ----------------------------------------------------------------------------
+
+
+def test_bucket_iam_and_teardown(own_emulator, project) -> None:
+    aws = _clients(own_emulator)
+    s3, iam, ec2 = aws["s3"], aws["iam"], aws["ec2"]
+    name, bucket, prefix = project["cicc_project"], project["cicc_bucket"], project["cicc_prefix"]
+    role, profile, policy = f"{name}-worker-role", f"{name}-worker-profile", f"{name}-worker-policy"
+
+    # Check mode: both steps would change things, and nothing is created.
+    assert _ok(_playbook("bucket.yml", project, "--check"))["changed"] >= 1
+    assert _ok(_playbook("iam.yml", project, "--check"))["changed"] >= 2
+    assert not _tagged(aws, name, bucket)
+
+    # bucket: private, encrypted, owner-enforced, tagged, with the data set; the TLS-only policy is built
+    # and shown but not applied (the emulator would refuse every object call under it).
+    assert _ok(_playbook("bucket.yml", project))["changed"] == 2
+    assert s3.get_bucket_tagging(Bucket=bucket)["TagSet"] == [{"Key": "project", "Value": name}]
+    block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+    assert all(block.values()) and len(block) == 4
+    rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    assert s3.get_bucket_ownership_controls(Bucket=bucket)["OwnershipControls"]["Rules"] == [
+        {"ObjectOwnership": "BucketOwnerEnforced"}
+    ]
+    assert f"{prefix}tasklist.txt" in {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    with pytest.raises(ClientError, match="NoSuchBucketPolicy"):
+        s3.get_bucket_policy(Bucket=bucket)
+
+    # Idempotent; this run prints results as JSON so that the policy it shows can be read back.
+    result = _playbook("bucket.yml", project, ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    assert _ok(result)["changed"] == 0
+    shown = _task_result(result, "Show what the bucket holds")["msg"]
+    assert shown["tls_only_policy"].startswith("built, not applied")
+    assert shown["tls_only_policy_document"] == {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "DenyInsecureTransport",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            }
+        ],
+    }
+
+    # iam: role (trusting EC2 only, no managed policy) -> one inline policy -> instance profile; no user, no key.
+    users = iam.list_users()["Users"]
+    assert _ok(_playbook("iam.yml", project))["changed"] == 3
+    assert iam.list_users()["Users"] == users
+    found = iam.get_role(RoleName=role)["Role"]
+    assert found["Path"] == f"/{name}/"
+    assert {t["Key"]: t["Value"] for t in found["Tags"]} == {"project": name}
+    assert found["AssumeRolePolicyDocument"]["Statement"] == [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
+    ]
+    assert iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"] == []
+    assert iam.list_role_policies(RoleName=role)["PolicyNames"] == [policy]
+    document = iam.get_role_policy(RoleName=role, PolicyName=policy)["PolicyDocument"]
+    statements = {s["Sid"]: s for s in document["Statement"]}
+    assert statements["ListTheQueue"]["Action"] == "s3:ListBucket"
+    assert statements["ListTheQueue"]["Resource"] == f"arn:aws:s3:::{bucket}"
+    assert statements["ListTheQueue"]["Condition"] == {"StringLike": {"s3:prefix": [f"{prefix}*"]}}
+    assert set(statements["ReadWriteTheQueueObjects"]["Action"]) == WORKER_S3_ACTIONS
+    assert statements["ReadWriteTheQueueObjects"]["Resource"] == f"arn:aws:s3:::{bucket}/{prefix}*"
+    assert statements["TerminateOnlyProjectWorkers"]["Action"] == "ec2:TerminateInstances"
+    assert statements["TerminateOnlyProjectWorkers"]["Resource"] == f"arn:aws:ec2:{REGION}:*:instance/*"
+    assert statements["TerminateOnlyProjectWorkers"]["Condition"] == {
+        "StringEquals": {"ec2:ResourceTag/project": name, "ec2:ResourceTag/role": "worker"}
+    }
+    assert len(statements) == 3 and all(s["Effect"] == "Allow" for s in statements.values())
+    carried = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]
+    assert [r["RoleName"] for r in carried["Roles"]] == [role]
+    assert {t["Key"]: t["Value"] for t in carried["Tags"]} == {"project": name}
+
+    # Idempotent, in check mode too; a broader inline policy added by hand (the seed's) is removed.
+    assert _ok(_playbook("iam.yml", project))["changed"] == 0
+    assert _ok(_playbook("iam.yml", project, "--check"))["changed"] == 0
+    everything = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_role_policy(RoleName=role, PolicyName="cicc-bucket-access", PolicyDocument=json.dumps(everything))
+    assert _ok(_playbook("iam.yml", project))["changed"] == 1
+    assert iam.list_role_policies(RoleName=role)["PolicyNames"] == [policy]
+
+    # What the later steps leave (instances, AMI + snapshots, security group, key pair), and someone else's
+    # instance that teardown must not touch.
+    seeded = _seed_ec2(ec2, name)
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    other_tags = [{"ResourceType": "instance", "Tags": [{"Key": "project", "Value": f"{name}-other"}]}]
+    other = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1, TagSpecifications=other_tags)["Instances"][0]
+    everything_tagged = {
+        **seeded,
+        "roles": [role],
+        "instance_profiles": [profile],
+        "buckets": [bucket],
+    }
+    assert {kind: sorted(ids) for kind, ids in _tagged(aws, name, bucket).items()} == everything_tagged
+
+    # teardown in check mode removes nothing.
+    assert _ok(_playbook("teardown.yml", project, "--check"))["changed"] >= 1
+    assert {kind: sorted(ids) for kind, ids in _tagged(aws, name, bucket).items()} == everything_tagged
+
+    # teardown: everything tagged goes but the bucket, which is kept unless asked for; it says so.
+    result = _playbook("teardown.yml", project)
+    assert _ok(result)["changed"] >= 7
+    assert _tagged(aws, name, bucket) == {"buckets": [bucket]}
+    assert f"except the bucket {bucket} (kept: set cicc_delete_bucket=true to remove it)" in _flat(result)
+
+    # With cicc_delete_bucket the bucket and all its objects go too; nothing tagged is left.
+    result = _playbook("teardown.yml", {**project, "cicc_delete_bucket": True})
+    assert _ok(result)["changed"] == 1
+    assert f"Nothing tagged project={name} is left." in _flat(result)
+    assert _tagged(aws, name, bucket) == {}
+    state = ec2.describe_instances(InstanceIds=[other["InstanceId"]])["Reservations"][0]["Instances"][0]["State"]
+    assert state["Name"] == "running"
+    ec2.terminate_instances(InstanceIds=[other["InstanceId"]])
+
+    # Again: nothing to do.
+    assert _ok(_playbook("teardown.yml", {**project, "cicc_delete_bucket": True}))["changed"] == 0
+
+
+def test_teardown_keeps_a_bucket_the_project_did_not_make(own_emulator, project) -> None:
+    """cicc_delete_bucket never deletes a bucket that does not carry the project's tag."""
+    bucket = project["cicc_bucket"]
+    s3 = _clients(own_emulator)["s3"]
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="precious.dat", Body=b"not ours to delete")
+    result = _playbook("teardown.yml", {**project, "cicc_delete_bucket": True})
+    assert _ok(result)["changed"] == 0
+    assert f"{bucket} is not tagged project={project['cicc_project']}, so it was not touched" in _flat(result)
+    assert s3.get_object(Bucket=bucket, Key="precious.dat")["Body"].read() == b"not ours to delete"
+
+
+# --- least privilege, with IAM enforced -------------------------------------------------------------------
+
+
+@pytest.fixture
+def enforcing_emulator():
+    """A moto server of its own that checks every request against IAM after the first three (the admin's setup).
+
+    Yields the endpoint and an administrator's access keys; the server is stopped afterwards, with all it held.
+    """
+    proc, endpoint = _start_moto(INITIAL_NO_AUTH_ACTION_COUNT="3")
+    try:
+        iam = _clients(endpoint)["iam"]
+        admin = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.create_user(UserName="admin")
+        iam.put_user_policy(UserName="admin", PolicyName="admin", PolicyDocument=json.dumps(admin))
+        key = iam.create_access_key(UserName="admin")["AccessKey"]
+        # From here on, every request is checked: unknown keys are refused.
+        with pytest.raises(ClientError, match="InvalidAccessKeyId"):
+            _clients(endpoint)["s3"].list_buckets()
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _denied(call, *args, **kwargs) -> str:
+    with pytest.raises(ClientError) as refused:
+        call(*args, **kwargs)
+    code = refused.value.response["Error"]["Code"]
+    assert code == "AccessDenied", refused.value
+    return code
+
+
+def test_worker_policy_allows_the_workers_job_and_nothing_else(enforcing_emulator) -> None:
+    endpoint, admin_key, admin_secret = enforcing_emulator
+    admin = _clients(endpoint, admin_key, admin_secret)
+    name = f"cit-{uuid.uuid4().hex[:10]}"
+    bucket, prefix = f"{name}-work", "run-1/"
+    settings = {
+        "cicc_project": name,
+        "cicc_bucket": bucket,
+        "cicc_prefix": prefix,
+        "cicc_dataset_input_size": INPUT_SIZE,
+        # The administrator's keys instead of the emulator's usual ones: the playbooks run under enforcement.
+        "cicc_aws_defaults": {
+            "region": REGION,
+            "endpoint_url": endpoint,
+            "access_key": admin_key,
+            "secret_key": admin_secret,
+        },
+    }
+    assert _ok(_playbook("bucket.yml", settings))["changed"] == 2
+    assert _ok(_playbook("iam.yml", settings))["changed"] == 3
+
+    # A user holding exactly the inline policy the iam step applied to the worker role.
+    document = admin["iam"].get_role_policy(RoleName=f"{name}-worker-role", PolicyName=f"{name}-worker-policy")
+    admin["iam"].create_user(UserName="worker")
+    admin["iam"].put_user_policy(
+        UserName="worker", PolicyName="worker", PolicyDocument=json.dumps(document["PolicyDocument"])
+    )
+    key = admin["iam"].create_access_key(UserName="worker")["AccessKey"]
+    worker = _clients(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    s3 = worker["s3"]
+
+    # Another bucket, with an object where the worker's prefix would be, and an instance of no project.
+    admin["s3"].create_bucket(Bucket=f"{name}-other")
+    admin["s3"].put_object(Bucket=f"{name}-other", Key=f"{prefix}in3.dat", Body=b"someone else's")
+    ami = admin["ec2"].describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    stranger = admin["ec2"].run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+
+    # The worker's job: claim (conditional put), read, renew (If-Match), list, release (conditional delete),
+    # tidy up (DeleteObjects), upload its log.
+    lock = f"{prefix}locks/in3.dat"
+    claimed = s3.put_object(Bucket=bucket, Key=lock, Body=b'{"owner": "w1"}', IfNoneMatch="*")
+    with pytest.raises(ClientError, match="PreconditionFailed"):
+        s3.put_object(Bucket=bucket, Key=lock, Body=b'{"owner": "w2"}', IfNoneMatch="*")
+    assert s3.head_object(Bucket=bucket, Key=lock)["ETag"] == claimed["ETag"]
+    renewed = s3.put_object(Bucket=bucket, Key=lock, Body=b'{"owner": "w1", "renewed": 1}', IfMatch=claimed["ETag"])
+    assert len(s3.get_object(Bucket=bucket, Key=f"{prefix}in3.dat")["Body"].read()) == INPUT_SIZE
+    assert s3.get_object(Bucket=bucket, Key=f"{prefix}kernel.dat")["Body"].read()
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}locks/")["Contents"]
+    assert [item["Key"] for item in listed] == [lock]
+    assert f"{prefix}tasklist.txt" in {
+        item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+    }
+    s3.put_object(Bucket=bucket, Key=f"{prefix}out3.dat", Body=b"result")
+    s3.delete_object(Bucket=bucket, Key=lock, IfMatch=renewed["ETag"])
+    s3.put_object(Bucket=bucket, Key=f"{prefix}journal/done/in3.dat", Body=b"")
+    s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": f"{prefix}journal/done/in3.dat"}], "Quiet": True})
+    s3.upload_fileobj(io.BytesIO(b"worker log\n"), bucket, f"{prefix}logs/i-0123456789abcdef0/log.txt")
+
+    # Outside its prefix, in another bucket, on the bucket itself, in IAM and in EC2 beyond terminating a
+    # project worker: refused.
+    _denied(s3.put_object, Bucket=bucket, Key="in3.dat", Body=b"outside the prefix")
+    _denied(s3.get_object, Bucket=f"{name}-other", Key=f"{prefix}in3.dat")
+    _denied(s3.put_object, Bucket=f"{name}-other", Key=f"{prefix}out3.dat", Body=b"x")
+    _denied(s3.delete_object, Bucket=f"{name}-other", Key=f"{prefix}in3.dat")
+    _denied(s3.list_objects_v2, Bucket=f"{name}-other", Prefix=prefix)
+    _denied(s3.list_buckets)
+    _denied(s3.create_bucket, Bucket=f"{name}-new")
+    _denied(s3.put_bucket_policy, Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": []}))
+    _denied(s3.delete_bucket, Bucket=bucket)
+    _denied(worker["iam"].list_roles)
+    _denied(worker["iam"].create_access_key, UserName="worker")
+    _denied(
+        worker["iam"].put_user_policy,
+        UserName="worker",
+        PolicyName="more",
+        PolicyDocument=json.dumps(document["PolicyDocument"]),
+    )
+    _denied(worker["ec2"].describe_instances)
+    _denied(worker["ec2"].run_instances, ImageId=ami, MinCount=1, MaxCount=1)
+    _denied(worker["ec2"].terminate_instances, InstanceIds=[stranger])
+    assert admin["s3"].get_object(Bucket=f"{name}-other", Key=f"{prefix}in3.dat")["Body"].read() == b"someone else's"
