@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit lint sanity bench cloud-start cloud-stop cloud-status clean
+.PHONY: setup demo demo-host test unit lint sanity molecule bench cloud-start cloud-stop cloud-status clean
 
 setup:
 	@scripts/setup.sh
@@ -21,6 +21,9 @@ cloud-status:
 	@scripts/emulator.sh status; scripts/docker-engine.sh status
 
 demo: cloud-start
+	@scripts/pipeline.sh
+
+demo-host: cloud-start
 	@scripts/demo.sh
 
 unit: setup
@@ -32,7 +35,10 @@ lint: setup
 sanity: setup
 	@scripts/sanity.sh
 
-test: unit lint sanity
+molecule: cloud-start
+	@scripts/molecule.sh
+
+test: unit lint sanity molecule
 
 bench: cloud-start
 	python bench/run_all.py

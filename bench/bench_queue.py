@@ -20,8 +20,8 @@ Targets (the issue): <= 10 requests per task, flat in N and K; <= 64 KB of list 
 at N = 10,000.
 
 Usage: bench/bench_queue.py [--tasks 1000,10000] [--workers 1,8,32] [--endpoint URL]
-                            [--lease-seconds 120] [--compact-every 20] [--quick] [--json FILE]
-                            [--task-queue PATH] [--worker PATH]
+                            [--lease-seconds 120] [--compact-every 20] [--max-attempts 10]
+                            [--quick] [--json FILE] [--task-queue PATH] [--worker PATH]
 
 Without --endpoint it starts its own moto_server (from this interpreter's virtualenv) on a free
 127.0.0.1 port and stops it at the end. --task-queue / --worker load another copy of
@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import types
 import urllib.parse
 import urllib.request
@@ -276,7 +277,7 @@ class XorRunner:
 # --- one run --------------------------------------------------------------------------------------
 
 
-def _client(endpoint: str, pool: int):
+def _client(endpoint: str, pool: int, attempts: int = 10):
     import boto3
     from botocore.config import Config
 
@@ -285,7 +286,12 @@ def _client(endpoint: str, pool: int):
         aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
         region_name=REGION,
     )
-    config = Config(max_pool_connections=pool, s3={"addressing_style": "path"}, proxies={})
+    config = Config(
+        max_pool_connections=pool,
+        s3={"addressing_style": "path"},
+        proxies={},
+        retries={"mode": "standard", "max_attempts": attempts},
+    )
     return session.client("s3", endpoint_url=endpoint, config=config)
 
 
@@ -366,7 +372,7 @@ def run_one(endpoint: str, task_queue, worker_mod, n: int, k: int, args) -> dict
     workdir = Path(tempfile.mkdtemp(prefix="cicc-bench-queue-"))
     workers = []
     for index in range(k):
-        client = _client(endpoint, 4)
+        client = _client(endpoint, 4, args.max_attempts)
         meter.attach(client)
         settings_args = dict(
             bucket=bucket,
@@ -385,8 +391,10 @@ def run_one(endpoint: str, task_queue, worker_mod, n: int, k: int, args) -> dict
             code = worker.run()
             if code != 0:
                 errors.append(f"{worker.owner} exited {code}")
-        except Exception as error:  # noqa: BLE001 - reported as FAIL
-            errors.append(f"{worker.owner}: {type(error).__name__}: {error}")
+        except Exception as error:  # noqa: BLE001 - reported as FAIL, with where it came from
+            ours = [f for f in traceback.extract_tb(error.__traceback__) if "site-packages" not in f.filename]
+            where = " <- ".join(f"{f.name}()" for f in reversed(ours[-3:]))
+            errors.append(f"{worker.owner}: {type(error).__name__} in {where}: {error}")
 
     threads = [threading.Thread(target=work, args=(w,), name=w.owner) for w in workers]
     started = time.monotonic()
@@ -435,15 +443,17 @@ def verdict(result: dict) -> str:
     return "ok" if not notes else "MISS " + ",".join(notes)
 
 
-def print_detail(result: dict, top: int) -> None:
+def print_detail(result: dict) -> None:
     n = result["tasks"]
     print(f"--- N={n} K={result['workers']}: {result['requests']} requests in {result['wall_s']:.1f} s")
-    print("  per task by operation and status: " + ", ".join(f"{k} {v / n:.3f}" for k, v in result["by_status"].items()))
+    print(
+        "  per task by operation and status: " + ", ".join(f"{k} {v / n:.3f}" for k, v in result["by_status"].items())
+    )
     print("  per task by operation and key:    " + ", ".join(f"{k} {v / n:.3f}" for k, v in result["by_class"].items()))
     print(
         "  list bytes per task: "
         + ", ".join(f"{k} {v / n:,.0f}" for k, v in sorted(result["list_bytes_by_file"].items()))
-        + f"; listing bytes per task: "
+        + "; listing bytes per task: "
         + ", ".join(f"{p or '(all)'} {v / n:,.0f}" for p, v in result["listing_by_prefix"].items())
     )
     for problem in result["problems"]:
@@ -479,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", help="S3 endpoint URL of an emulator (default: start our own moto_server)")
     parser.add_argument("--lease-seconds", type=int, default=120)
     parser.add_argument("--compact-every", type=int, default=0, help="the worker's compact_every (default: its own)")
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=10,
+        help="botocore attempts per call for the workers' clients (standard mode; every attempt is counted). "
+        "moto 5.2 answers 500 to a ListObjectsV2 racing a DeleteObject in the same bucket",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: --tasks 300 --workers 1,8")
     parser.add_argument("--top", type=int, default=6, help="operations shown per row")
     parser.add_argument("--json", help="also write the raw figures to this file")
@@ -493,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"S3 task queue benchmark: N={args.tasks} K={args.workers}, lease {args.lease_seconds} s, "
-        f"compact_every {args.compact_every or worker_mod.Settings().compact_every}; "
+        f"compact_every {args.compact_every or worker_mod.Settings().compact_every}, "
+        f"{args.max_attempts} attempts per S3 call; "
         f"{INPUT_BYTES}-byte inputs, {len(KERNEL)}-byte kernel; python {platform.python_version()}, "
         f"boto3 {boto3.__version__}, botocore {botocore.__version__}, {os.cpu_count()} cores; "
         f"task_queue {Path(task_queue.__file__).resolve()}"
@@ -507,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in args.workers:
                 result = run_one(endpoint, task_queue, worker_mod, n, k, args)
                 results.append(result)
-                print_detail(result, args.top)
+                print_detail(result)
 
     if args.endpoint:
         matrix(args.endpoint)

@@ -25,6 +25,7 @@ ROOT = BENCH.parent
 
 # Small sizes for scripts that have no --quick flag of their own (checked against their --help).
 QUICK_FALLBACK = {
+    "bench_worker.py": ["--repeats", "1"],
     "bench_xor.py": ["--sizes", "2MB,32MB", "--repeats", "3"],
 }
 
@@ -37,7 +38,9 @@ def discover(selected: list[str]) -> list[Path]:
     wanted = {name if name.endswith(".py") else f"{name}.py" for name in wanted}
     unknown = wanted - {script.name for script in scripts}
     if unknown:
-        raise SystemExit(f"no such benchmark: {', '.join(sorted(unknown))} (have: {', '.join(s.name for s in scripts)})")
+        raise SystemExit(
+            f"no such benchmark: {', '.join(sorted(unknown))} (have: {', '.join(s.name for s in scripts)})"
+        )
     return [script for script in scripts if script.name in wanted]
 
 

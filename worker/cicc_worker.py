@@ -216,10 +216,10 @@ class Worker:
         while lease := picker.next():
             self.work(lease, kernel)
             if self.done and len(self.done) % self.settings.compact_every == 0:
-                task_queue.compact(self.client, self.queue, min_batch=self.settings.compact_every)
+                self._compact(min_batch=self.settings.compact_every)
         for line, reason in picker.rejected:
             LOG.warning("tasklist line %r rejected: %s (recorded in rejected.txt)", line, reason)
-        task_queue.compact(self.client, self.queue, force=True)
+        self._compact(force=True)
         LOG.info(
             "queue drained: %d completed, %d failed by %s in %.1f s",
             len(self.done),
@@ -228,6 +228,14 @@ class Worker:
             time.monotonic() - started,
         )
         return EXIT_DRAINED
+
+    def _compact(self, **kwargs) -> None:
+        """Fold the journal into the lists, best effort: what is not folded stays journaled
+        (task_status counts it) and the next compaction, by any worker or person, folds it."""
+        try:
+            task_queue.compact(self.client, self.queue, **kwargs)
+        except Exception as error:  # noqa: BLE001 - an S3 error here must not stop the worker
+            LOG.warning("compaction failed, left to the next one: %s", error)
 
     def work(self, lease: task_queue.Lease, kernel: Path) -> None:
         """Process one claimed task; whatever happens, the task ends published, released or failed."""

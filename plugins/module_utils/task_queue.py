@@ -369,10 +369,10 @@ def _take_over(client, queue: Queue, lease: Lease, body: bytes, etag: str, respo
 def _check_unfinished(client, queue: Queue, lease: Lease) -> None:
     """Under the lock, make sure the task still needs work; a finished one is journaled and let go."""
     state = finished_state(client, queue, lease.name)
-    if state == "completed":
-        # Output published but maybe never journaled (its worker died): finish it, don't recompute.
-        _put(client, queue.bucket, queue.journal_key("completed", lease.name), b"")
     if state:
+        # Output published or failed record written but maybe never journaled (its worker died
+        # in between): journal it again (idempotent), don't recompute.
+        _put(client, queue.bucket, queue.journal_key(state, lease.name), b"")
         _delete_lock(client, queue, lease)
         raise TaskFinished(lease.name, state)
 
@@ -633,8 +633,13 @@ class TaskPicker:
     Every worker walks the same snapshot in order from a random start and, whenever it runs into
     a task someone else holds or finished, jumps to a random unvisited place: workers soon work
     apart, each in its own stretch, and rarely touch the same task. Busy tasks are retried (with
-    lease takeover) only when nothing else is left; the snapshot is re-read when most recent
-    picks miss, so the requests per task stay bounded whatever the number of workers."""
+    lease takeover) only when nothing else is left, after a pause and a fresh look. The snapshot
+    leaves out locked tasks (put aside as busy) and is re-read after two misses in a row or once
+    misses pass an eighth of the hits, so the requests per task stay flat whatever the number of
+    workers."""
+
+    REFRESH_STREAK = 2  # misses in a row that make the snapshot stale
+    REFRESH_MISS_RATIO = 8  # ... or misses above hits / 8 since the last refresh
 
     def __init__(self, client, queue: Queue, owner: str, instance_id: str = "", poll_seconds: float = 5.0) -> None:
         self.client, self.queue, self.owner, self.instance_id = client, queue, owner, instance_id
@@ -647,19 +652,32 @@ class TaskPicker:
         self._jump = True
         self._busy: list[str] = []
         self._tokens: dict[str, str] = {}  # a retried claim of a name reuses its token (lost replies)
-        self._hits = self._misses = 0
+        self._hits = self._misses = self._streak = 0
         self._fresh = False
 
     def _refresh(self) -> None:
+        # Locks, then journal, then tasklist: a task is journaled before its lock goes, and a
+        # compaction takes names out of the journal and the tasklist together, so a task that was
+        # locked or finished when the locks were listed never looks free in this snapshot.
+        locked = {key.rsplit("/", 1)[1] for key in _list_keys(self.client, self.queue.bucket, self.queue.lock_key(""))}
+        journal = _journal(self.client, self.queue)
         tasks = read_tasklist(self.client, self.queue)
         self.rejected = tasks.rejected
-        journaled = {key.rsplit("/", 1)[1] for keys in _journal(self.client, self.queue).values() for key in keys}
-        self.finished |= journaled
-        self._order = [name for name in tasks.names if name not in self.finished]
+        self.finished |= {key.rsplit("/", 1)[1] for keys in journal.values() for key in keys}
+        pending = [name for name in tasks.names if name not in self.finished]
+        self._order = [name for name in pending if name not in locked]
+        self._busy = [name for name in pending if name in locked]
         self._visited = bytearray(len(self._order))
-        self._left, self._jump, self._busy = len(self._order), True, []
-        self._hits = self._misses = 0
+        self._left, self._jump = len(self._order), True
+        self._hits = self._misses = self._streak = 0
         self._fresh = True
+
+    def _stale(self) -> bool:
+        """Whether recent misses say the snapshot is out of date (never right after a refresh)."""
+        return not self._fresh and (
+            self._streak >= self.REFRESH_STREAK
+            or (self._misses >= self.REFRESH_STREAK and self._misses * self.REFRESH_MISS_RATIO > self._hits)
+        )
 
     def _next_candidate(self) -> str:
         size = len(self._order)
@@ -683,9 +701,11 @@ class TaskPicker:
         else:
             self._tokens.pop(name)
             self._hits += 1
+            self._streak = 0
             self._fresh = self._jump = False
             return lease
         self._misses += 1
+        self._streak += 1
         self._jump = True
         return None
 
@@ -695,23 +715,25 @@ class TaskPicker:
             self._refresh()
         while True:
             while self._left:
-                if self._misses >= 4 and self._misses > self._hits and not self._fresh:
+                if self._stale():
                     self._refresh()
                     continue
                 lease = self._try(self._next_candidate(), take_over=False)
                 if lease:
                     return lease
-            if not self._busy:
-                if self._fresh:
-                    return None
+            if not self._fresh:  # an old snapshot ran out: look again before waiting
                 self._refresh()
                 continue
-            # Only tasks held by others remain: wait for them to finish, or for a lease to expire.
+            if not self._busy:
+                return None
+            # Only tasks held by others remain: wait for them to finish or for a lease to expire,
+            # then look again, and try to take over only the tasks still locked.
+            time.sleep(self.poll_seconds)
+            self._refresh()
+            if self._left:
+                continue
             busy, self._busy = self._busy, []
             for name in busy:
                 lease = self._try(name, take_over=True)
                 if lease:
                     return lease
-            if self._busy:
-                time.sleep(self.poll_seconds)
-                self._refresh()

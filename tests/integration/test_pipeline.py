@@ -1,0 +1,241 @@
+"""The whole pipeline on the local cloud, end to end, as an operator runs it: scripts/pipeline.sh -> site.yml.
+
+Against the session's fresh emulator and the real Docker Engine: the bucket with a small data set, IAM, the
+base instance (a systemd container of the local base image), configure through the dynamic inventory, the AMI
+(`docker commit`), then a fleet of 3 that boots the committed image, drains the seed's 7 tasks and terminates
+itself. The test then checks from the outside what the playbooks claim: every output is input XOR kernel,
+the lists are exact, no lock is left, every instance is terminated and its container stopped. A second run
+changes nothing; teardown.yml leaves nothing tagged. Containers, images and state files the run made are
+removed at the end, whatever happened.
+
+Each run has a project tag and a bucket of its own, so it never touches what other tests made on the session's
+emulator. The wall times of the three runs are printed (pytest -s shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import boto3
+import docker.errors
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REGION = "us-east-1"
+TIMEOUT = 1200
+FLEET_SIZE = 3
+INPUT_SIZE = 20_000
+SEED_TASKS = [f"in{i}.dat" for i in range(3, 10)]
+SEED_DONE = [f"in{i}.dat" for i in range(3)]
+_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
+LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+# What cicc.cloud.local_instances labels its containers and images with.
+LABEL_ENDPOINT = "cicc.ec2-endpoint"
+LABEL_AMI = "cicc.ami-id"
+STATE_DIR = Path("/var/lib/cicc/instances")
+WORK_DIR = Path("/var/lib/cicc/work")
+
+
+def _pipeline(env: dict, settings: dict, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "pipeline.sh"), *args, "-e", json.dumps(settings)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    return result, time.monotonic() - started
+
+
+def _ok(result: subprocess.CompletedProcess) -> dict[str, dict[str, int]]:
+    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
+    recap = {
+        host: dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts)))
+        for host, *counts in _RECAP.findall(result.stdout)
+    }
+    assert recap, f"no PLAY RECAP in:\n{result.stdout}"
+    return recap
+
+
+def _read(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def _instances(ec2, project: str, states: list[str] | None = None) -> list[dict]:
+    filters = [{"Name": "tag:project", "Values": [project]}]
+    if states:
+        filters.append({"Name": "instance-state-name", "Values": states})
+    reservations = ec2.describe_instances(Filters=filters)["Reservations"]
+    return [instance for reservation in reservations for instance in reservation["Instances"]]
+
+
+def _role(instance: dict) -> str:
+    return {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}.get("role", "")
+
+
+def _tagged(aws: dict, project: str, bucket: str) -> dict[str, list[str]]:
+    """Everything on the emulator that carries the project's tag (IAM: under its path), by kind."""
+    ec2, iam, s3 = aws["ec2"], aws["iam"], aws["s3"]
+    tag = {"Name": "tag:project", "Values": [project]}
+    found = {
+        "instances": [i["InstanceId"] for i in _instances(ec2, project, LIVE_STATES)],
+        "images": [i["ImageId"] for i in ec2.describe_images(Owners=["self"], Filters=[tag])["Images"]],
+        "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=[tag])["SecurityGroups"]],
+        "key_pairs": [k["KeyName"] for k in ec2.describe_key_pairs(Filters=[tag])["KeyPairs"]],
+        "roles": [r["RoleName"] for r in iam.list_roles(PathPrefix=f"/{project}/")["Roles"]],
+        "instance_profiles": [
+            p["InstanceProfileName"] for p in iam.list_instance_profiles(PathPrefix=f"/{project}/")["InstanceProfiles"]
+        ],
+        "buckets": [bucket] if bucket in {b["Name"] for b in s3.list_buckets()["Buckets"]} else [],
+    }
+    return {kind: ids for kind, ids in found.items() if ids}
+
+
+def _cleanup(docker_client, endpoint: str, instance_ids: set[str], ami_ids: set[str]) -> None:
+    """Remove the containers, images and state files of this run's instances and AMIs."""
+    for container in docker_client.containers.list(all=True, filters={"label": f"{LABEL_ENDPOINT}={endpoint}"}):
+        if container.name in instance_ids:
+            container.remove(force=True)
+    for image in docker_client.images.list(name="cicc-ami", filters={"label": f"{LABEL_ENDPOINT}={endpoint}"}):
+        if image.labels.get(LABEL_AMI) in ami_ids:
+            for tag in image.tags:
+                try:
+                    docker_client.images.remove(tag, force=True)
+                except docker.errors.NotFound:
+                    pass
+    for instance_id in instance_ids:
+        for directory in (STATE_DIR / instance_id, WORK_DIR / instance_id):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pipeline(emulator, docker_client):
+    """A project and bucket of this test's own, the environment scripts/pipeline.sh needs, and the cleanup."""
+    run_id = uuid.uuid4().hex[:8]
+    project, bucket = f"e2e{run_id}", f"cicc-e2e-{run_id}"
+    port = urlparse(emulator).port
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "CICC_"))}
+    env.update(
+        CICC_TARGET="local",
+        CICC_PROJECT=project,
+        CICC_EMULATOR_PORT=str(port),
+        CICC_REGION=REGION,
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_DEPRECATION_WARNINGS="0",
+    )
+    settings = {
+        "cicc_bucket": bucket,
+        "cicc_fleet_size": FLEET_SIZE,
+        "cicc_dataset_input_size": INPUT_SIZE,
+    }
+    session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+    aws = {name: session.client(name, endpoint_url=emulator) for name in ("s3", "iam", "ec2")}
+    made = {"instances": set(), "images": set()}
+    yield {"project": project, "bucket": bucket, "env": env, "settings": settings, "aws": aws, "made": made}
+
+    ec2 = aws["ec2"]
+    made["instances"] |= {instance["InstanceId"] for instance in _instances(ec2, project)}
+    made["images"] |= {
+        image["ImageId"]
+        for image in ec2.describe_images(Owners=["self"])["Images"]
+        if image["Name"].startswith(f"{project}-")
+    }
+    _cleanup(docker_client, emulator, made["instances"], made["images"])
+
+
+def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client, emulator, capsys):
+    project, bucket, env, settings, aws = (pipeline[k] for k in ("project", "bucket", "env", "settings", "aws"))
+    s3, ec2 = aws["s3"], aws["ec2"]
+
+    # Check mode on nothing at all: nothing is made, nothing fails.
+    check, check_seconds = _pipeline(env, settings, "--check")
+    _ok(check)
+    assert _tagged(aws, project, bucket) == {}
+
+    # The first run: the whole narrative, from an empty account to a drained queue.
+    first, first_seconds = _pipeline(env, settings)
+    _ok(first)
+    instances = _instances(ec2, project)
+    pipeline["made"]["instances"] |= {instance["InstanceId"] for instance in instances}
+    images = ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag:project", "Values": [project]}])["Images"]
+    pipeline["made"]["images"] |= {image["ImageId"] for image in images}
+
+    # The machines: one base instance and a fleet of 3 of the one AMI, all terminated, every container stopped.
+    workers = [instance for instance in instances if _role(instance) == "worker"]
+    bases = [instance for instance in instances if _role(instance) == "base"]
+    assert len(workers) == FLEET_SIZE and len(bases) == 1
+    assert len(images) == 1
+    assert {worker["ImageId"] for worker in workers} == {images[0]["ImageId"]}
+    assert {instance["State"]["Name"] for instance in instances} == {"terminated"}
+    for instance in instances:
+        container = docker_client.containers.get(instance["InstanceId"])
+        assert container.status == "exited", f"{instance['InstanceId']}: container {container.status}"
+        assert container.labels[LABEL_ENDPOINT] == emulator
+    for worker in workers:
+        assert worker["MetadataOptions"]["HttpTokens"] == "required"
+        assert docker_client.containers.get(worker["InstanceId"]).image.tags == [f"cicc-ami:{images[0]['ImageId']}"]
+    base_image = docker_client.images.get(f"cicc-ami:{images[0]['ImageId']}")
+    assert base_image.labels["cicc.source-instance"] == bases[0]["InstanceId"]
+
+    # The queue: every seed task done once, nothing failed, no lock left, the lists exact.
+    completed = _read(s3, bucket, "completed.txt").decode().split()
+    assert sorted(completed) == sorted(SEED_DONE + SEED_TASKS)
+    assert len(completed) == len(set(completed))
+    assert _read(s3, bucket, "tasklist.txt").decode().split() == []
+    assert _keys(s3, bucket, "locks/") == []
+    assert _keys(s3, bucket, "failed/") == []
+    kernel = np.frombuffer(_read(s3, bucket, "kernel.dat"), dtype=np.uint8)
+    for name in SEED_TASKS:
+        data = np.frombuffer(_read(s3, bucket, name), dtype=np.uint8)
+        output = np.frombuffer(_read(s3, bucket, name.replace("in", "out")), dtype=np.uint8)
+        assert data.size == INPUT_SIZE
+        assert np.array_equal(output, data ^ np.resize(kernel, data.size)), name
+
+    # Each worker worked (the fleet shares the queue) and left its log; the summary says so.
+    logs = _keys(s3, bucket, "logs/")
+    assert sorted(logs) == sorted(f"logs/{worker['InstanceId']}/log.txt" for worker in workers)
+    drained = [re.search(r"queue drained: (\d+) completed, 0 failed", _read(s3, bucket, key).decode()) for key in logs]
+    assert all(drained), logs
+    assert sum(int(found.group(1)) for found in drained) == len(SEED_TASKS)
+    flat = " ".join(first.stdout.split())
+    assert f"verified {len(SEED_DONE) + len(SEED_TASKS)}/{len(SEED_DONE) + len(SEED_TASKS)} outputs" in flat
+    assert "tasks done 10/10" in flat
+    assert "s from launch until every worker had terminated" in flat
+
+    # Run again: nothing changes, no machine is launched.
+    second, second_seconds = _pipeline(env, settings)
+    recap = _ok(second)
+    assert {host: counts["changed"] for host, counts in recap.items()} == {"localhost": 0}, recap
+    assert len(_instances(ec2, project)) == len(instances)
+    assert "no fleet launched by this run" in " ".join(second.stdout.split())
+
+    # Teardown: nothing tagged is left, the bucket included.
+    teardown, teardown_seconds = _pipeline(env, {**settings, "cicc_delete_bucket": True}, "playbooks/teardown.yml")
+    _ok(teardown)
+    assert _tagged(aws, project, bucket) == {}
+    for instance in instances:
+        assert docker_client.containers.get(instance["InstanceId"]).status == "exited"
+
+    with capsys.disabled():
+        print(
+            f"\nlocal pipeline: check mode {check_seconds:.0f} s, first run {first_seconds:.0f} s, "
+            f"re-run {second_seconds:.0f} s (changed=0), teardown {teardown_seconds:.0f} s"
+        )
