@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark of the S3 task queue (not a test): S3 requests and list traffic per task.
 
 For each N (tasks) x K (workers) it makes a fresh bucket on an S3 emulator with ``tasklist.txt``
@@ -88,7 +87,7 @@ def load_code(task_queue_path: str | None, worker_path: str | None) -> tuple[typ
     """(task_queue, cicc_worker): the collection's, or the given copies (the worker then uses the copy)."""
     _ensure_collection_link()
     sys.dont_write_bytecode = True
-    import ansible_collections.cicc.cloud.plugins.module_utils as module_utils
+    from ansible_collections.cicc.cloud.plugins import module_utils
 
     if task_queue_path:
         task_queue = _load_by_path(TQ_MODULE, Path(task_queue_path))

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Run every benchmark of cicc.cloud (bench/bench_*.py) in turn and print each one's output.
 
 Benchmarks print figures; they are not tests. Each script runs in a subprocess of this same
@@ -48,7 +47,7 @@ def _flags(script: Path) -> str:
     """The script's --help text ('' when it has none or it fails)."""
     try:
         done = subprocess.run(
-            [sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return ""
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==== {script.name} ({note}): {' '.join(command[1:])}", flush=True)
         started = time.monotonic()
         try:
-            code = subprocess.run(command, cwd=ROOT).returncode
+            code = subprocess.run(command, cwd=ROOT, check=False).returncode
         except KeyboardInterrupt:
             print(f"==== {script.name} interrupted", flush=True)
             return 130
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print("benchmark        exit  seconds")
     for name, code, seconds in summary:
         print(f"{name:<16} {code:>4} {seconds:8.1f}")
-    return 0 if all(code == 0 for _, code, _ in summary) else 1
+    return 0 if all(code == 0 for _name, code, _seconds in summary) else 1
 
 
 if __name__ == "__main__":
