@@ -18,7 +18,10 @@ description:
     the same size and MD5 ETag (its body is compared when the ETag is not a plain MD5, as with multipart uploads
     or SSE-KMS), so a second run reports no change.
   - An object of the data set that exists with other content is never overwritten unless O(overwrite=true); the
-    module fails naming those keys before it writes anything. Missing objects are created with
+    module fails naming those keys before it writes anything.
+  - C(tasklist.txt) and C(completed.txt) are the queue's state once they exist - workers move tasks from one to
+    the other - so lists that exist are left as they are (and returned as RV(dataset.queue_lists)) unless
+    O(overwrite=true). A re-run after workers have started therefore changes nothing and fails on nothing. Missing objects are created with
     C(If-None-Match) and replaced ones with C(If-Match) on the ETag seen, so a concurrent writer is never
     overwritten blindly either.
   - The two lists are written last, so no task is advertised before its input exists.
@@ -77,6 +80,8 @@ options:
     description:
       - Replace objects of the data set that exist with other content. When V(false) the module fails instead,
         naming those keys.
+      - V(true) also rewrites the two lists as the data set has them, which puts every task back in the queue;
+        outputs, locks and journal entries of the pipeline are not removed.
     default: false
     type: bool
 extends_documentation_fragment:
@@ -157,6 +162,13 @@ dataset:
       elements: str
       returned: when O(state=present)
       sample: ["in1.dat", "tasklist.txt"]
+    queue_lists:
+      description:
+        - Keys of the two lists that already existed and were left as they are, being the queue's state.
+      type: list
+      elements: str
+      returned: when O(state=present)
+      sample: ["tasklist.txt", "completed.txt"]
     deleted:
       description: Keys deleted by this run (that would be deleted, in check mode).
       type: list
@@ -190,6 +202,8 @@ from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
+from ansible_collections.cicc.cloud.plugins.module_utils.dataset import COMPLETED
+from ansible_collections.cicc.cloud.plugins.module_utils.dataset import TASKLIST
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import check_arguments
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import object_names
@@ -262,7 +276,7 @@ def ensure_present(client, module, bucket_found):
         module.fail_json(msg=f"Couldn't find bucket {bucket}: create it first (amazon.aws.s3_bucket)")
     wanted = build_dataset(**{name: params[name] for name in _SHAPE})
 
-    to_write, conflicts = [], []
+    to_write, conflicts, queue_lists = [], [], []
     for name, body in wanted.items():
         key = prefix + name
         try:
@@ -270,13 +284,15 @@ def ensure_present(client, module, bucket_found):
             found = _head(client, bucket, key) if bucket_found else None
             if found is None:
                 to_write.append((key, body, None))
+            elif name in (TASKLIST, COMPLETED) and not params["overwrite"]:
+                queue_lists.append(key)
             elif not _holds(client, bucket, key, found, body):
                 conflicts.append(key)
                 to_write.append((key, body, found))
         except (BotoCoreError, ClientError) as e:
             module.fail_json_aws(e, msg=f"Couldn't read s3://{bucket}/{key}")
 
-    result = _summary(params, list(wanted))
+    result = dict(_summary(params, list(wanted)), queue_lists=queue_lists)
     if conflicts and not params["overwrite"]:
         module.fail_json(
             msg=(

@@ -133,6 +133,21 @@ def test_dataset_playbook(emulator, s3, work_bucket) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert _recap(result) == {"ok": 3, "changed": 0, "unreachable": 0, "failed": 0}
 
+    # Once workers have moved a task, the lists are the queue's state: a re-run leaves them and fails on nothing.
+    tasklist, completed = prefix + "tasklist.txt", prefix + "completed.txt"
+    moved = _body(s3, work_bucket, tasklist).decode().split()[0]
+    queue_state = {
+        tasklist: "".join(f"{name}\n" for name in _body(s3, work_bucket, tasklist).decode().split()[1:]).encode(),
+        completed: _body(s3, work_bucket, completed) + f"{moved}\n".encode(),
+    }
+    for key, body in queue_state.items():
+        s3.put_object(Bucket=work_bucket, Key=key, Body=body)
+    result = _run(playbook)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _recap(result) == {"ok": 3, "changed": 0, "unreachable": 0, "failed": 0}
+    for key, body in queue_state.items():
+        assert _body(s3, work_bucket, key) == body, key
+
     # An object changed by hand (same size, other bytes) is never overwritten blindly.
     altered_key = prefix + "in5.dat"
     altered = bytes(INPUT_SIZE)

@@ -121,8 +121,26 @@ def _tagged(aws: dict, project: str, bucket: str) -> dict[str, list[str]]:
             p["InstanceProfileName"] for p in iam.list_instance_profiles(PathPrefix=f"/{project}/")["InstanceProfiles"]
         ],
         "buckets": [bucket] if bucket in _buckets(s3) else [],
+        "launch_templates": [
+            t["LaunchTemplateName"] for t in ec2.describe_launch_templates(Filters=[tag])["LaunchTemplates"]
+        ],
+        **_tagged_network(ec2, tag),
     }
     return {kind: ids for kind, ids in found.items() if ids}
+
+
+def _tagged_network(ec2, tag: dict) -> dict[str, list[str]]:
+    """The private network's pieces that carry the tag, by kind."""
+    endpoints = ec2.describe_vpc_endpoints(Filters=[tag])["VpcEndpoints"]
+    return {
+        "vpc_endpoints": [e["VpcEndpointId"] for e in endpoints if e["State"].lower() not in ("deleted", "deleting")],
+        "route_tables": [t["RouteTableId"] for t in ec2.describe_route_tables(Filters=[tag])["RouteTables"]],
+        "internet_gateways": [
+            g["InternetGatewayId"] for g in ec2.describe_internet_gateways(Filters=[tag])["InternetGateways"]
+        ],
+        "subnets": [n["SubnetId"] for n in ec2.describe_subnets(Filters=[tag])["Subnets"]],
+        "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=[tag])["Vpcs"]],
+    }
 
 
 def _seed_ec2(ec2, project: str) -> dict[str, list[str]]:
@@ -173,6 +191,23 @@ def _cleanup(aws: dict, project: str, bucket: str) -> None:
         ec2.delete_security_group(GroupId=group)
     for key in left.get("key_pairs", []):
         ec2.delete_key_pair(KeyName=key)
+    for template in left.get("launch_templates", []):
+        ec2.delete_launch_template(LaunchTemplateName=template)
+    if left.get("vpc_endpoints"):
+        ec2.delete_vpc_endpoints(VpcEndpointIds=left["vpc_endpoints"])
+    for table in left.get("route_tables", []):
+        for association in ec2.describe_route_tables(RouteTableIds=[table])["RouteTables"][0]["Associations"]:
+            ec2.disassociate_route_table(AssociationId=association["RouteTableAssociationId"])
+        ec2.delete_route_table(RouteTableId=table)
+    for gateway in left.get("internet_gateways", []):
+        found = ec2.describe_internet_gateways(InternetGatewayIds=[gateway])["InternetGateways"][0]
+        for attachment in found["Attachments"]:
+            ec2.detach_internet_gateway(InternetGatewayId=gateway, VpcId=attachment["VpcId"])
+        ec2.delete_internet_gateway(InternetGatewayId=gateway)
+    for subnet in left.get("subnets", []):
+        ec2.delete_subnet(SubnetId=subnet)
+    for vpc in left.get("vpcs", []):
+        ec2.delete_vpc(VpcId=vpc)
     for profile in left.get("instance_profiles", []):
         for role in iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]["Roles"]:
             iam.remove_role_from_instance_profile(InstanceProfileName=profile, RoleName=role["RoleName"])
@@ -424,6 +459,64 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
 
     # Again: nothing to do.
     assert _ok(_playbook("teardown.yml", {**project, "cicc_delete_bucket": True}))["changed"] == 0
+
+
+def test_private_network_and_its_teardown(own_emulator, project) -> None:
+    """network.yml in private mode: check mode, apply, idempotent re-run; teardown removes every piece of it."""
+    aws = _clients(own_emulator)
+    ec2 = aws["ec2"]
+    settings = {**project, "cicc_network_mode": "private"}
+    name, bucket = settings["cicc_project"], settings["cicc_bucket"]
+
+    assert _ok(_playbook("network.yml", settings, "--check"))["changed"] >= 1
+    assert not _tagged(aws, name, bucket)
+
+    assert _ok(_playbook("network.yml", settings))["changed"] >= 6
+    made = _tagged(aws, name, bucket)
+    assert {kind: len(ids) for kind, ids in made.items()} == {
+        "vpcs": 1,
+        "subnets": 2,
+        "internet_gateways": 1,
+        "route_tables": 2,
+        "vpc_endpoints": 1,
+    }
+    subnets = {
+        {t["Key"]: t["Value"] for t in n["Tags"]}["tier"]: n
+        for n in ec2.describe_subnets(SubnetIds=made["subnets"])["Subnets"]
+    }
+    assert subnets["public"]["MapPublicIpOnLaunch"] and not subnets["private"]["MapPublicIpOnLaunch"]
+    # The fleet's subnet has no way out but the S3 endpoint.
+    private_table = ec2.describe_route_tables(
+        Filters=[{"Name": "association.subnet-id", "Values": [subnets["private"]["SubnetId"]]}]
+    )["RouteTables"][0]
+    assert not [r for r in private_table["Routes"] if r.get("DestinationCidrBlock") == "0.0.0.0/0"]
+    endpoint = ec2.describe_vpc_endpoints(VpcEndpointIds=made["vpc_endpoints"])["VpcEndpoints"][0]
+    assert endpoint["ServiceName"] == f"com.amazonaws.{REGION}.s3"
+    assert private_table["RouteTableId"] in endpoint["RouteTableIds"]
+
+    assert _ok(_playbook("network.yml", settings))["changed"] == 0
+
+    # The fleet's spot launch template and security group, as fleet.yml leaves them, go with the network.
+    tag = [{"Key": "project", "Value": name}]
+    ec2.create_launch_template(
+        LaunchTemplateName=f"{name}-fleet-spot",
+        LaunchTemplateData={"InstanceMarketOptions": {"MarketType": "spot"}},
+        TagSpecifications=[{"ResourceType": "launch-template", "Tags": tag}],
+    )
+    ec2.create_security_group(
+        GroupName=f"{name}-workers",
+        Description="no inbound rule",
+        VpcId=made["vpcs"][0],
+        TagSpecifications=[{"ResourceType": "security-group", "Tags": tag}],
+    )
+    assert set(_tagged(aws, name, bucket)) == set(made) | {"launch_templates", "security_groups"}
+
+    # One changed task per kind: template, security group, endpoint, route tables, gateway, subnets, VPC.
+    result = _playbook("teardown.yml", settings)
+    assert _ok(result)["changed"] == 7
+    assert f"Nothing tagged project={name} is left." in _flat(result)
+    assert _tagged(aws, name, bucket) == {}
+    assert _ok(_playbook("teardown.yml", settings))["changed"] == 0
 
 
 def test_teardown_keeps_a_bucket_the_project_did_not_make(own_emulator, project) -> None:
