@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-COLLECTIONS = ROOT / ".collections"
+from common import REGION, OwnMoto, link_collection, load_by_path, load_worker
+
 TQ_MODULE = "ansible_collections.cicc.cloud.plugins.module_utils.task_queue"
 LIST_FILES = ("tasklist.txt", "completed.txt", "failed.txt", "rejected.txt")
 INPUT_BYTES = 16
@@ -61,91 +58,25 @@ KERNEL = b"\x5a\xa5\x0f\xf0"
 REQUEST_TARGET = 10.0
 LIST_TARGET_BYTES = 64 * 1024
 LIST_TARGET_AT = 10_000
-REGION = "us-east-1"
 
 
 # --- loading the code under test ------------------------------------------------------------------
 
 
-def _ensure_collection_link() -> None:
-    link = COLLECTIONS / "ansible_collections" / "cicc" / "cloud"
-    if not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(ROOT)
-    sys.path.insert(0, str(COLLECTIONS))
-
-
-def _load_by_path(name: str, path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_code(task_queue_path: str | None, worker_path: str | None) -> tuple[types.ModuleType, types.ModuleType]:
     """(task_queue, cicc_worker): the collection's, or the given copies (the worker then uses the copy)."""
-    _ensure_collection_link()
-    sys.dont_write_bytecode = True
+    link_collection()
     from ansible_collections.cicc.cloud.plugins import module_utils
 
     if task_queue_path:
-        task_queue = _load_by_path(TQ_MODULE, Path(task_queue_path))
+        task_queue = load_by_path(TQ_MODULE, Path(task_queue_path))
         module_utils.task_queue = task_queue
     else:
         from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
-    worker = _load_by_path("cicc_worker_bench", Path(worker_path or ROOT / "worker" / "cicc_worker.py"))
+    worker = load_worker(Path(worker_path) if worker_path else None)
     if worker.task_queue is not task_queue:
         raise SystemExit("the worker did not pick up the task_queue module under test")
     return task_queue, worker
-
-
-# --- the emulator ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class OwnMoto:
-    """A moto_server of our own on a free loopback port; stopped (by its pid) on exit."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> OwnMoto:
-        moto = Path(sys.executable).with_name("moto_server")
-        if not moto.exists():
-            raise SystemExit(f"{moto} not found: run 'make setup' or pass --endpoint")
-        self.proc = subprocess.Popen(
-            [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                opener.open(self.url + "/moto-api/", timeout=1).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise SystemExit(f"moto_server did not start on {self.url}") from None
-                time.sleep(0.1)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # --- counting -------------------------------------------------------------------------------------

@@ -34,25 +34,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import logging
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import types
-import urllib.request
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-COLLECTIONS = ROOT / ".collections"
-REGION = "us-east-1"
+from common import REGION, OwnMoto, link_collection, load_worker
+
 TARGET = 1.5
 DEFAULT_IMAGE = "cicc-process:latest"
 
@@ -62,63 +57,10 @@ DEFAULT_IMAGE = "cicc-process:latest"
 
 def load_code() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
     """(task_queue, dataset, cicc_worker) from this checkout."""
-    link = COLLECTIONS / "ansible_collections" / "cicc" / "cloud"
-    if not link.exists():
-        raise SystemExit(f"{link} is missing: run scripts/setup.sh (it links the collection there)")
-    sys.path.insert(0, str(COLLECTIONS))
-    sys.dont_write_bytecode = True
+    link_collection()
     from ansible_collections.cicc.cloud.plugins.module_utils import dataset, task_queue
 
-    spec = importlib.util.spec_from_file_location("cicc_worker_bench", ROOT / "worker" / "cicc_worker.py")
-    worker = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = worker
-    spec.loader.exec_module(worker)
-    return task_queue, dataset, worker
-
-
-# --- the emulator ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class OwnMoto:
-    """A moto_server of our own on a free loopback port, stopped (by its pid) on exit."""
-
-    def __init__(self) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> str:
-        moto = Path(sys.executable).with_name("moto_server")
-        if not moto.exists():
-            raise SystemExit(f"{moto} not found: install moto[server] in this virtualenv or pass --endpoint")
-        port = self.url.rsplit(":", 1)[1]
-        self.proc = subprocess.Popen(
-            [str(moto), "-H", "127.0.0.1", "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.url + "/moto-api/", timeout=1)
-                return self.url
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise SystemExit(f"moto_server did not come up on {self.url}")
-                time.sleep(0.1)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    return task_queue, dataset, load_worker()
 
 
 # --- instruments ----------------------------------------------------------------------------------
@@ -440,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (shared machine: see the paired ratios)"
     )
     own = OwnMoto() if not args.endpoint else None
-    endpoint = own.__enter__() if own else args.endpoint
+    endpoint = own.__enter__().url if own else args.endpoint
     worker_runs: list[dict] = []
     base_runs: list[dict] = []
     try:

@@ -11,10 +11,12 @@ journal into the lists, uploads its log (logs/<instance>/log.txt) and runs its e
 terminate its own instance through the EC2 API, with OS shutdown as the fallback.
 
 Settings come from a JSON file (--config, written by the worker role) and flags; the instance
-id from IMDSv2 on EC2, or from the settings on the local cloud. Credentials come from the
-instance profile through boto3's usual chain: never from this file.
+id from IMDSv2 on EC2, or from the identity file on the local cloud. The instance's user data
+may carry job parameters as a JSON object (JOB_SETTINGS: how many tasks to take, the spectator
+pause), so one AMI serves every way of running the fleet. Credentials come from the instance
+profile through boto3's usual chain: never from this file.
 
-Exit codes: 0 queue drained, 1 unexpected error, 2 bad settings or the queue cannot be worked
+Exit codes: 0 queue drained (or the task limit reached), 1 unexpected error, 2 bad settings or the queue cannot be worked
 (for example the kernel is missing: no task is claimed, so nothing is lost).
 """
 
@@ -45,6 +47,8 @@ except ImportError:  # on an instance the worker role installs task_queue.py bes
 LOG = logging.getLogger("cicc-worker")
 EXIT_DRAINED, EXIT_ERROR, EXIT_UNWORKABLE = 0, 1, 2
 IMDS = "http://169.254.169.254/latest"
+# What an instance's user data may set: the job, never where the queue is or how to reach it.
+JOB_SETTINGS = ("max_tasks", "spectator_pause")
 
 
 class TaskError(Exception):
@@ -67,6 +71,8 @@ class Settings:
     task_timeout: int = 900
     compact_every: int = 20
     spectator_pause: int = 0
+    # Tasks to take before stopping; 0: until the queue is drained. 1 is the seed's one task per boot.
+    max_tasks: int = 0
     exit_action: str = "none"
 
     @classmethod
@@ -82,6 +88,27 @@ class Settings:
         if settings.exit_action not in ("none", "terminate"):
             raise ValueError(f"exit_action must be none or terminate, not {settings.exit_action!r}")
         return settings
+
+    def apply_job(self, user_data: str) -> list[str]:
+        """Take the job parameters from an instance's user data; returns what was ignored and why."""
+        if not user_data.strip():
+            return []
+        try:
+            job = json.loads(user_data)
+        except ValueError:
+            return ["user data is not a JSON object of job parameters: ignored"]
+        if not isinstance(job, dict):
+            return ["user data is not a JSON object of job parameters: ignored"]
+        notes = []
+        for key, value in job.items():
+            if key not in JOB_SETTINGS:
+                notes.append(f"user data sets {key!r}, which is not a job parameter ({', '.join(JOB_SETTINGS)}): ignored")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                notes.append(f"user data sets {key} to {value!r}, not a whole number of 0 or more: ignored")
+            else:
+                setattr(self, key, value)
+                notes.append(f"user data sets {key} to {value}")
+        return notes
 
     def queue(self) -> task_queue.Queue:
         return task_queue.Queue(self.bucket, self.prefix, self.lease_seconds, self.max_attempts)
@@ -199,6 +226,8 @@ class Worker:
         self.workdir = (Path(settings.workdir) / self.owner).resolve()
         self.done: list[str] = []
         self.failed: list[str] = []
+        # Attempts that failed and went back to the queue: they count against max_tasks too.
+        self.given_back = 0
 
     def run(self) -> int:
         """Work the queue until it is drained. Returns the exit code."""
@@ -213,7 +242,7 @@ class Worker:
             self.client, self.queue, self.owner, self.settings.instance_id, min(5.0, self.settings.lease_seconds / 4)
         )
         started = time.monotonic()
-        while lease := picker.next():
+        while not self._at_limit() and (lease := picker.next()):
             self.work(lease, kernel)
             if self.done and len(self.done) % self.settings.compact_every == 0:
                 self._compact(min_batch=self.settings.compact_every)
@@ -221,13 +250,18 @@ class Worker:
             LOG.warning("tasklist line %r rejected: %s (recorded in rejected.txt)", line, reason)
         self._compact(force=True)
         LOG.info(
-            "queue drained: %d completed, %d failed by %s in %.1f s",
+            "%s: %d completed, %d failed by %s in %.1f s",
+            "task limit reached" if self._at_limit() else "queue drained",
             len(self.done),
             len(self.failed),
             self.owner,
             time.monotonic() - started,
         )
         return EXIT_DRAINED
+
+    def _at_limit(self) -> bool:
+        taken = len(self.done) + len(self.failed) + self.given_back
+        return 0 < self.settings.max_tasks <= taken
 
     def _compact(self, **kwargs) -> None:
         """Fold the journal into the lists, best effort: what is not folded stays journaled
@@ -280,6 +314,8 @@ class Worker:
             return
         if state == "failed":
             self.failed.append(lease.name)
+        else:
+            self.given_back += 1
         LOG.error("attempt %d at %s failed (task now %s): %s", lease.attempts, lease.name, state, error)
 
     def _task_dir(self, name: str) -> Path:
@@ -318,11 +354,12 @@ class Worker:
 # --- identity, log and exit -----------------------------------------------------------------------
 
 
-def instance_identity(settings: Settings, timeout: float = 2.0) -> str:
-    """This instance's id: from the identity file the local cloud provides, else through IMDSv2
-    (a session token first), or "" off EC2."""
+def instance_metadata(settings: Settings, timeout: float = 2.0) -> tuple[str, str]:
+    """(instance id, user data) of this instance: from the identity file the local cloud provides,
+    else through IMDSv2 (a session token first); ("", "") off EC2."""
     try:
-        return json.loads(Path(settings.identity_file).read_text())["instance_id"]
+        identity = json.loads(Path(settings.identity_file).read_text())
+        return identity["instance_id"], identity.get("user_data", "")
     except (OSError, ValueError, KeyError):
         pass
     try:
@@ -330,10 +367,16 @@ def instance_identity(settings: Settings, timeout: float = 2.0) -> str:
             f"{IMDS}/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
         )
         token = urllib.request.urlopen(request, timeout=timeout).read().decode()
-        request = urllib.request.Request(f"{IMDS}/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token})
-        return urllib.request.urlopen(request, timeout=timeout).read().decode()
+        headers = {"X-aws-ec2-metadata-token": token}
+        request = urllib.request.Request(f"{IMDS}/meta-data/instance-id", headers=headers)
+        instance_id = urllib.request.urlopen(request, timeout=timeout).read().decode()
     except OSError:
-        return ""
+        return "", ""
+    try:
+        request = urllib.request.Request(f"{IMDS}/user-data", headers=headers)
+        return instance_id, urllib.request.urlopen(request, timeout=timeout).read().decode()
+    except OSError:  # 404: launched without user data
+        return instance_id, ""
 
 
 def upload_log(client, settings: Settings, owner: str, log_file: Path) -> None:
@@ -374,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as error:
         print(f"cicc-worker: {error}", file=sys.stderr)
         return EXIT_UNWORKABLE
+    job_notes = []
     if not settings.instance_id:
-        settings.instance_id = instance_identity(settings)
+        settings.instance_id, user_data = instance_metadata(settings)
+        job_notes = settings.apply_job(user_data)
     session = boto3.session.Session()
     client = s3_client(settings, session)
     runner = DockerRunner(settings.image) if args.runner == "docker" else ProcessRunner(args.program)
@@ -387,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         handlers=[logging.StreamHandler(), logging.FileHandler(log_file)],
     )
+    for note in job_notes:
+        LOG.log(logging.WARNING if note.endswith("ignored") else logging.INFO, note)
     try:
         code = worker.run()
     except Exception:  # noqa: BLE001 - logged in full, then the exit action still runs

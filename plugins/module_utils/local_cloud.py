@@ -43,7 +43,7 @@ An instance is created with the same flags everywhere: host networking, ``SYS_AD
 Docker socket (the worker runs the processing container as a sibling), the work directory at the
 same path inside as on the host (the sibling's bind mounts are resolved by the host's engine), and
 ``<state_dir>/<id>/identity.json`` read-only at /etc/cicc/identity.json, where the worker reads its
-instance id since the emulator has no metadata service for it.
+instance id and user data since the emulator has no metadata service for them.
 
 Plain Python: the standard library, a guarded botocore and the docker SDK; no Ansible import. The
 functions take ready clients (a boto3 EC2 client, a docker SDK client), return plain dicts and raise
@@ -53,6 +53,7 @@ functions take ready clients (a boto3 EC2 client, a docker SDK client), return p
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -393,11 +394,18 @@ def _power_off(run: _Pass, instance_id: str) -> dict:
     return {"state": change["CurrentState"]["Name"], "action": action}
 
 
-def _write_identity(state_dir: Path, instance_id: str, ami_id: str, region: str) -> Path:
+def _user_data(run: _Pass, instance_id: str) -> str:
+    """The instance's user data as text ("" without any): what IMDS would serve it on EC2."""
+    found = run.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData").get("UserData", {})
+    return base64.b64decode(found.get("Value", "")).decode("utf-8", errors="replace")
+
+
+def _write_identity(state_dir: Path, instance_id: str, ami_id: str, region: str, user_data: str) -> Path:
     directory = state_dir / instance_id
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "identity.json"
-    body = json.dumps({"instance_id": instance_id, "ami_id": ami_id, "region": region}, indent=2) + "\n"
+    identity = {"instance_id": instance_id, "ami_id": ami_id, "region": region, "user_data": user_data}
+    body = json.dumps(identity, indent=2) + "\n"
     temporary = directory / ".identity.json.tmp"
     temporary.write_text(body)
     os.chmod(temporary, 0o644)
@@ -414,7 +422,7 @@ def _create(run: _Pass, instance_id: str, ami_id: str, image: str) -> None:
     try:
         # A fresh container: a stop recorded for an earlier one of this instance no longer applies.
         run.marker(instance_id).unlink(missing_ok=True)
-        identity = _write_identity(run.state_dir, instance_id, ami_id, run.region)
+        identity = _write_identity(run.state_dir, instance_id, ami_id, run.region, _user_data(run, instance_id))
         run.work_dir.mkdir(parents=True, exist_ok=True)
         work_dir = str(run.work_dir.resolve())
     except OSError as e:

@@ -56,8 +56,12 @@ class Cloud:
         assert images, f"the emulator has no Canonical AMI named {UBUNTU_NAME}"
         return max(images, key=lambda image: (image["CreationDate"], image["Name"]))["ImageId"]
 
-    def launch(self, ami: str, role: str = "test", shutdown: str | None = None, project: str = "cicc-test") -> str:
+    def launch(
+        self, ami: str, role: str = "test", shutdown: str | None = None, project: str = "cicc-test", user_data: str = ""
+    ) -> str:
         options = {"InstanceInitiatedShutdownBehavior": shutdown} if shutdown else {}
+        if user_data:
+            options["UserData"] = user_data
         tags = [
             {"Key": "cicc-test", "Value": self.run_id},
             {"Key": "project", "Value": project},
@@ -173,7 +177,7 @@ def test_instance_image_fleet_and_termination(cloud):
     container = cloud.container(base)
     assert container.labels[lc.LABEL_INSTANCE] == base and container.labels[lc.LABEL_AMI] == ubuntu
     identity = json.loads(cloud.sh(base, f"cat {lc.IDENTITY_PATH}"))
-    assert identity == {"instance_id": base, "ami_id": ubuntu, "region": REGION}
+    assert identity == {"instance_id": base, "ami_id": ubuntu, "region": REGION, "user_data": ""}
     assert (
         cloud.container(base).exec_run(["sh", "-c", f"echo x > {lc.IDENTITY_PATH}"]).exit_code != 0
     ), "identity is writable"
@@ -207,12 +211,14 @@ def test_instance_image_fleet_and_termination(cloud):
     assert lc.image_for_ami(cloud.docker, ami, BASE_IMAGE) == lc.ami_image(ami)
     assert _images(cloud.reconcile())[ami]["committed"] is False
 
-    # A fleet instance boots the committed image, and the unit starts with no other trigger.
-    worker = cloud.launch(ami, role="worker")
+    # A fleet instance boots the committed image, and the unit starts with no other trigger; it sees the
+    # user data it was launched with, as IMDS would serve it.
+    worker = cloud.launch(ami, role="worker", user_data='{"max_tasks": 1}')
     assert _by_id(cloud.reconcile())[worker]["image"] == lc.ami_image(ami)
     assert cloud.container(worker).attrs["Config"]["Image"] == lc.ami_image(ami)
     lc.wait_for_boot(cloud.docker, worker, BOOT_TIMEOUT)
-    assert json.loads(cloud.sh(worker, "cat /run/booted-as"))["instance_id"] == worker
+    booted_as = json.loads(cloud.sh(worker, "cat /run/booted-as"))
+    assert (booted_as["instance_id"], booted_as["user_data"]) == (worker, '{"max_tasks": 1}')
 
     # Terminating through the API stops the container, which is kept for its logs.
     cloud.ec2.terminate_instances(InstanceIds=[base])

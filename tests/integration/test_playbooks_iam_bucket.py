@@ -336,6 +336,9 @@ def test_step_playbooks_stop_before_any_change(own_emulator, project) -> None:
     assert project["cicc_bucket"] not in _buckets(aws["s3"])
     result = _playbook("iam.yml", {**project, "cicc_network_mode": "public"})
     assert result.returncode != 0 and "cicc_network_mode is 'public'" in _flat(result)
+    # The whole pipeline checks the settings of its later steps before its first change.
+    result = _playbook("site.yml", {**project, "cicc_fleet_tasks_per_machine": "one"})
+    assert result.returncode != 0 and "cicc_fleet_tasks_per_machine is 'one'" in _flat(result)
     assert not _tagged(aws, project["cicc_project"], project["cicc_bucket"])
 
 

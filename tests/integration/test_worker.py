@@ -189,6 +189,21 @@ def test_row12_empty_or_finished_queue_every_worker_exits(s3, bucket, make_worke
     assert _body(s3, bucket, "out1.dat") == b"done before"
 
 
+def test_task_limit_stops_the_worker_and_leaves_the_rest(s3, bucket, make_worker, inline_runner, caplog):
+    """max_tasks=1, the seed's one task per boot: each worker takes one task and stops; the queue drains."""
+    names = [f"in{i}.dat" for i in range(3)]
+    _upload(s3, bucket, {"kernel.dat": b"k", **{name: b"data" for name in names}})
+    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    with caplog.at_level("INFO", logger="cicc-worker"):
+        assert make_worker(inline_runner, owner="w1", max_tasks=1).run() == 0
+    assert len(inline_runner.runs) == 1
+    assert "task limit reached: 1 completed, 0 failed by w1" in caplog.text
+    assert len(_body(s3, bucket, "completed.txt").split()) == 1
+    assert _run_all([make_worker(inline_runner, owner=f"w{i}", max_tasks=1) for i in (2, 3, 4)]) == [0, 0, 0]
+    assert len(inline_runner.runs) == len(names)
+    _assert_drained(s3, bucket, names)
+
+
 def test_bad_inputs_are_recorded_and_lose_nothing(s3, bucket, make_worker, inline_runner, worker_module, monkeypatch):
     tasklist = b"\xef\xbb\xbfin1.dat\r\nmissing.dat\r\n../escape.dat\r\nhuge.dat \r\nempty.dat\nin1.dat"
     _upload(s3, bucket, {"in1.dat": b"abc", "huge.dat": b"x" * 4096, "empty.dat": b"", "kernel.dat": b"kk"})
