@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
@@ -59,6 +60,8 @@ class OwnMoto:
             raise SystemExit(f"{moto} not found: run 'make setup' or pass --endpoint")
         self.proc = subprocess.Popen(
             [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+            # AWS's managed policies exist as on AWS (iam.yml attaches one).
+            env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

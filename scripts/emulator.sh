@@ -82,6 +82,9 @@ start() {
   if pid=$(our_pid); then
     if answers; then
       print_env "already running" "$pid"
+      tr '\0' '\n' <"/proc/$pid/environ" | grep -qx MOTO_IAM_LOAD_MANAGED_POLICIES=true ||
+        say "emulator: warning: it was started without AWS's managed policies, which playbooks/iam.yml attaches;" \
+          "restart it (its state is lost): $0 stop && $0 start"
       return 0
     fi
     say "==> The emulator (pid $pid) is up but does not answer yet; waiting for it"
@@ -94,7 +97,8 @@ start() {
       die "  CICC_EMULATOR_PORT=$((port == 65535 ? 5001 : port + 1)) $0 start"
     fi
     say "==> Starting the AWS emulator on $url (log: $log_file)"
-    nohup "$moto_server" -H 127.0.0.1 -p "$port" </dev/null >"$log_file" 2>&1 &
+    # AWS's managed policies exist on the emulator as on AWS (iam.yml attaches AmazonSSMManagedInstanceCore).
+    MOTO_IAM_LOAD_MANAGED_POLICIES=true nohup "$moto_server" -H 127.0.0.1 -p "$port" </dev/null >"$log_file" 2>&1 &
     pid=$!
     printf '%s\n' "$pid" >"$pid_file"
   fi

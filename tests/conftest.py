@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -26,29 +27,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_http(url: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+@contextlib.contextmanager
+def _moto_server(**env: str):
+    """A moto server on a free 127.0.0.1 port, with AWS's managed policies as on AWS (and ``env``);
+    yields its endpoint URL and stops it afterwards."""
+    port = _free_port()
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """Start an emulator of a test's own: ``with moto_server(**env) as endpoint: ...``."""
+    return _moto_server
 
 
 @pytest.fixture(scope="session")
 def emulator() -> str:
     """Endpoint URL of a moto server started for this test session, exported the ecosystem's way."""
-    port = _free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(endpoint + "/moto-api/")
+    with _moto_server() as endpoint:
         saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_URL")}
         os.environ.update(
             AWS_ENDPOINT_URL=endpoint,
@@ -64,9 +81,6 @@ def emulator() -> str:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture

@@ -20,11 +20,7 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -213,6 +209,8 @@ def _cleanup(aws: dict, project: str, bucket: str) -> None:
             iam.remove_role_from_instance_profile(InstanceProfileName=profile, RoleName=role["RoleName"])
         iam.delete_instance_profile(InstanceProfileName=profile)
     for role in left.get("roles", []):
+        for attached in iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]:
+            iam.detach_role_policy(RoleName=role, PolicyArn=attached["PolicyArn"])
         for policy in iam.list_role_policies(RoleName=role)["PolicyNames"]:
             iam.delete_role_policy(RoleName=role, PolicyName=policy)
         iam.delete_role(RoleName=role)
@@ -222,39 +220,11 @@ def _cleanup(aws: dict, project: str, bucket: str) -> None:
         s3.delete_bucket(Bucket=bucket)
 
 
-def _start_moto(**env: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            return proc, endpoint
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def own_emulator():
+def own_emulator(moto_server):
     """A moto server for this module's tests alone."""
-    proc, endpoint = _start_moto()
-    try:
+    with moto_server() as endpoint:
         yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
@@ -350,6 +320,7 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
     s3, iam, ec2 = aws["s3"], aws["iam"], aws["ec2"]
     name, bucket, prefix = project["cicc_project"], project["cicc_bucket"], project["cicc_prefix"]
     role, profile, policy = f"{name}-worker-role", f"{name}-worker-profile", f"{name}-worker-policy"
+    builder_role, builder_profile = f"{name}-builder-role", f"{name}-builder-profile"
 
     # Check mode: both steps would change things, and nothing is created.
     assert _ok(_playbook("bucket.yml", project, "--check"))["changed"] >= 1
@@ -418,6 +389,15 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
     carried = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]
     assert [r["RoleName"] for r in carried["Roles"]] == [role]
     assert {t["Key"]: t["Value"] for t in carried["Tags"]} == {"project": name}
+    # The base instance's identity: the same policy, plus Systems Manager for configuring it on AWS.
+    assert iam.get_role(RoleName=builder_role)["Role"]["Path"] == f"/{name}/"
+    assert [p["PolicyName"] for p in iam.list_attached_role_policies(RoleName=builder_role)["AttachedPolicies"]] == [
+        "AmazonSSMManagedInstanceCore"
+    ]
+    assert iam.list_role_policies(RoleName=builder_role)["PolicyNames"] == [policy]
+    assert iam.get_role_policy(RoleName=builder_role, PolicyName=policy)["PolicyDocument"] == document
+    carried = iam.get_instance_profile(InstanceProfileName=builder_profile)["InstanceProfile"]
+    assert [r["RoleName"] for r in carried["Roles"]] == [builder_role]
 
     # Idempotent, in check mode too; a broader inline policy added by hand (the seed's) is removed.
     assert _ok(_playbook("iam.yml", project))["changed"] == 0
@@ -435,8 +415,8 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
     other = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1, TagSpecifications=other_tags)["Instances"][0]
     everything_tagged = {
         **seeded,
-        "roles": [role],
-        "instance_profiles": [profile],
+        "roles": sorted([builder_role, role]),
+        "instance_profiles": sorted([builder_profile, profile]),
         "buckets": [bucket],
     }
     assert {kind: sorted(ids) for kind, ids in _tagged(aws, name, bucket).items()} == everything_tagged
@@ -538,13 +518,12 @@ def test_teardown_keeps_a_bucket_the_project_did_not_make(own_emulator, project)
 
 
 @pytest.fixture
-def enforcing_emulator():
+def enforcing_emulator(moto_server):
     """A moto server of its own that checks every request against IAM after the first three (the admin's setup).
 
     Yields the endpoint and an administrator's access keys; the server is stopped afterwards, with all it held.
     """
-    proc, endpoint = _start_moto(INITIAL_NO_AUTH_ACTION_COUNT="3")
-    try:
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="3") as endpoint:
         iam = _clients(endpoint)["iam"]
         admin = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
         iam.create_user(UserName="admin")
@@ -554,9 +533,6 @@ def enforcing_emulator():
         with pytest.raises(ClientError, match="InvalidAccessKeyId"):
             _clients(endpoint)["s3"].list_buckets()
         yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _denied(call, *args, **kwargs) -> str:
