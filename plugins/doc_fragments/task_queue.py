@@ -34,3 +34,35 @@ options:
     default: 3
     type: int
 """
+
+    # The lease that task_claim returns (RV task), as task_complete and task_release take it back
+    # (LEASE_ARGUMENT_SPEC in module_utils/task_module.py).
+    LEASE = r"""
+options:
+  name:
+    description:
+      - Name of the claimed task (RV(cicc.cloud.task_claim#module:task.name)).
+    required: true
+    type: str
+  owner:
+    description:
+      - Owner of the lease (RV(cicc.cloud.task_claim#module:task.owner)).
+    required: true
+    type: str
+  token:
+    description:
+      - Token of the claim (RV(cicc.cloud.task_claim#module:task.token)).
+    required: true
+    type: str
+  etag:
+    description:
+      - ETag of the lock (RV(cicc.cloud.task_claim#module:task.etag)). The lock is changed or deleted only while it
+        still has this ETag, so a lease that was lost never touches another owner's lock.
+    required: true
+    type: str
+  attempts:
+    description:
+      - Attempt number of the claim (RV(cicc.cloud.task_claim#module:task.attempts)).
+    default: 1
+    type: int
+"""

@@ -85,26 +85,10 @@ options:
     default: false
     type: bool
 extends_documentation_fragment:
+  - cicc.cloud.attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
-attributes:
-  check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
-    support: none
-  idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
-    support: full
-  action_group:
-    description: Use C(group/cicc.cloud.aws) in C(module_defaults) to set defaults for this module.
-    support: full
-    membership:
-      - cicc.cloud.aws
 notes:
   - The whole data set is built in memory (about O(inputs) x O(input_size) bytes plus the outputs).
 """

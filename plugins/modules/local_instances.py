@@ -75,29 +75,16 @@ options:
     default: 120
     type: int
 extends_documentation_fragment:
+  - cicc.cloud.attributes
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode nothing is created, started, stopped, committed, removed or terminated, and nothing is waited
         for; RV(local_cloud) says what would be done.
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
-    support: none
-  idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
-    support: full
-  action_group:
-    description: Use C(group/cicc.cloud.aws) in C(module_defaults) to set defaults for this module.
-    support: full
-    membership:
-      - cicc.cloud.aws
 requirements:
   - docker (the Docker SDK for Python) >= 5.0.0, reaching the engine through C(DOCKER_HOST) or C(/var/run/docker.sock)
 notes:

@@ -54,32 +54,21 @@ options:
     default: ""
     type: str
 extends_documentation_fragment:
+  - cicc.cloud.attributes
   - cicc.cloud.task_queue
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode the module reads the queue and reports the task it would claim, with an empty RV(task.etag).
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
-    support: none
   idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
     support: none
     details:
       - Each run takes a lease. Without O(name) a second run claims the next task; with O(name) it is refused
         while the first lease is live, unless O(token) is the first claim's token.
-  action_group:
-    description: Use C(group/cicc.cloud.aws) in C(module_defaults) to set defaults for this module.
-    support: full
-    membership:
-      - cicc.cloud.aws
 notes:
   - Without O(name) the module reads C(tasklist.txt), the finished lists, the journal and every lock once, then
     tries the candidates in order; the boot worker uses a cheaper randomised picker instead.

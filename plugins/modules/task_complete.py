@@ -25,55 +25,13 @@ description:
   - O(lease_seconds) and O(max_attempts) are the ones given to M(cicc.cloud.task_claim).
 author:
   - cicc.cloud developers (!UNKNOWN)
-options:
-  name:
-    description:
-      - Name of the claimed task (RV(cicc.cloud.task_claim#module:task.name)).
-    required: true
-    type: str
-  owner:
-    description:
-      - Owner of the lease (RV(cicc.cloud.task_claim#module:task.owner)).
-    required: true
-    type: str
-  token:
-    description:
-      - Token of the claim (RV(cicc.cloud.task_claim#module:task.token)).
-    required: true
-    type: str
-  etag:
-    description:
-      - ETag of the lock (RV(cicc.cloud.task_claim#module:task.etag)). The lock is deleted only while it still
-        has this ETag, so a lease that was lost never deletes another owner's lock.
-    required: true
-    type: str
-  attempts:
-    description:
-      - Attempt number of the claim (RV(cicc.cloud.task_claim#module:task.attempts)).
-    default: 1
-    type: int
 extends_documentation_fragment:
+  - cicc.cloud.attributes
   - cicc.cloud.task_queue
+  - cicc.cloud.task_queue.lease
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3
-attributes:
-  check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
-    support: none
-  idempotent:
-    description:
-      - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
-      - This assumes that the system controlled/queried by the module has not changed in a relevant way.
-    support: full
-  action_group:
-    description: Use C(group/cicc.cloud.aws) in C(module_defaults) to set defaults for this module.
-    support: full
-    membership:
-      - cicc.cloud.aws
 seealso:
   - module: cicc.cloud.task_claim
   - module: cicc.cloud.task_release

@@ -220,6 +220,13 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client
     assert "tasks done 10/10" in flat
     assert "s from launch until every worker had terminated" in flat
 
+    # status.yml says the same: the queue drained, no machine left.
+    status, _ = _pipeline(env, settings, "playbooks/status.yml")
+    _ok(status)
+    flat = " ".join(status.stdout.split())
+    assert f"queue s3://{bucket}/: 0 pending, 0 claimed, 10 completed, 0 failed, 0 rejected lines - drained" in flat
+    assert f"machines of project {project} not terminated: 0" in flat
+
     # Run again: nothing changes, no machine is launched.
     second, second_seconds = _pipeline(env, settings)
     recap = _ok(second)

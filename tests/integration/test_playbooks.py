@@ -1,4 +1,5 @@
-"""The bucket, iam and teardown playbooks and the settings check, against the emulator.
+"""The step playbooks that act from the operator's machine - bucket, iam, network, status, mount, teardown -
+and the settings check, against the emulator.
 
 Each playbook runs in a real ansible-playbook process, as in test_dataset_playbook.py: the AWS_* variables
 are removed from its environment, so the emulator is reached only through `module_defaults`. Every test has
@@ -27,7 +28,11 @@ from urllib.parse import urlparse
 
 import boto3
 import pytest
+import yaml
 from botocore.exceptions import ClientError
+
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
@@ -91,6 +96,14 @@ def _task_result(result: subprocess.CompletedProcess, task: str) -> dict:
 def _clients(endpoint: str, key: str = "testing", secret: str = "testing") -> dict:
     session = boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret, region_name=REGION)
     return {name: session.client(name, endpoint_url=endpoint) for name in ("s3", "iam", "ec2", "sts")}
+
+
+def _keys(s3, bucket: str) -> set[str]:
+    return {item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+
+def _body(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def _buckets(s3) -> set[str]:
@@ -502,6 +515,74 @@ def test_private_network_and_its_teardown(own_emulator, project) -> None:
     assert _ok(_playbook("teardown.yml", settings))["changed"] == 0
 
 
+def test_dataset_is_exact_idempotent_and_never_overwritten(own_emulator, project) -> None:
+    """The data set byte for byte; re-runs change nothing, also once the queue has moved; no blind overwrite."""
+    s3 = _clients(own_emulator)["s3"]
+    bucket, prefix = project["cicc_bucket"], project["cicc_prefix"]
+    settings = yaml.safe_load((ROOT / "inventory" / "group_vars" / "all" / "settings.yml").read_text())
+    wanted = build_dataset(
+        inputs=int(settings["cicc_dataset_inputs"]),
+        input_size=INPUT_SIZE,
+        kernel_size=int(settings["cicc_dataset_kernel_size"]),
+        done=int(settings["cicc_dataset_done"]),
+        seed=int(settings["cicc_dataset_seed"]),
+    )
+    wanted = {prefix + name: body for name, body in wanted.items()}
+
+    assert _ok(_playbook("dataset.yml", project))["changed"] == 2
+    assert _keys(s3, bucket) == set(wanted)
+    for key, body in wanted.items():
+        assert _body(s3, bucket, key) == body, key
+    assert _ok(_playbook("dataset.yml", project))["changed"] == 0
+
+    # Once workers have moved a task, the lists are the queue's state: a re-run leaves them and fails on nothing.
+    tasklist, completed = prefix + "tasklist.txt", prefix + "completed.txt"
+    pending = _body(s3, bucket, tasklist).decode().split()
+    queue_state = {
+        tasklist: "".join(f"{name}\n" for name in pending[1:]).encode(),
+        completed: _body(s3, bucket, completed) + f"{pending[0]}\n".encode(),
+    }
+    for key, body in queue_state.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    assert _ok(_playbook("dataset.yml", project))["changed"] == 0
+    for key, body in queue_state.items():
+        assert _body(s3, bucket, key) == body, key
+
+    # An object changed by hand (same size, other bytes) is never overwritten blindly.
+    altered_key, altered = prefix + "in5.dat", bytes(INPUT_SIZE)
+    s3.put_object(Bucket=bucket, Key=altered_key, Body=altered)
+    result = _playbook("dataset.yml", project)
+    assert result.returncode != 0 and _recap(result)["failed"] == 1
+    message = _flat(result)
+    assert f"with other content: {altered_key}." in message
+    assert "set overwrite=true" in message and "use another prefix" in message
+    assert _body(s3, bucket, altered_key) == altered
+    assert _keys(s3, bucket) == set(wanted)
+
+    # state=absent, ad hoc, removes exactly the data set: a key the pipeline wrote later stays.
+    extra_key = prefix + "out5.dat"
+    s3.put_object(Bucket=bucket, Key=extra_key, Body=b"produced by a worker")
+    adhoc = [
+        "ansible",
+        "localhost",
+        "-m",
+        "cicc.cloud.dataset",
+        "-a",
+        f"bucket={bucket} prefix='{prefix}' state=absent endpoint_url={own_emulator} "
+        "access_key=testing secret_key=testing region=us-east-1",
+    ]
+    for args, outcome, left in (
+        (["--check"], "CHANGED", set(wanted) | {extra_key}),
+        ([], "CHANGED", {extra_key}),
+        ([], "SUCCESS", {extra_key}),
+    ):
+        result = subprocess.run(
+            adhoc + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+        assert result.returncode == 0 and f"| {outcome}" in result.stdout, result.stdout + result.stderr
+        assert _keys(s3, bucket) == left
+
+
 def test_teardown_keeps_a_bucket_the_project_did_not_make(own_emulator, project) -> None:
     """cicc_delete_bucket never deletes a bucket that does not carry the project's tag."""
     bucket = project["cicc_bucket"]
@@ -512,6 +593,61 @@ def test_teardown_keeps_a_bucket_the_project_did_not_make(own_emulator, project)
     assert _ok(result)["changed"] == 0
     assert f"{bucket} is not tagged project={project['cicc_project']}, so it was not touched" in _flat(result)
     assert s3.get_object(Bucket=bucket, Key="precious.dat")["Body"].read() == b"not ours to delete"
+
+
+# --- status and mount ------------------------------------------------------------------------------------
+
+
+def test_status_shows_the_queue_and_the_fleet(own_emulator, project) -> None:
+    """Read-only, for a person and as JSON: the queue's counts and claims, the machines not terminated."""
+    aws = _clients(own_emulator)
+    name, bucket, prefix = project["cicc_project"], project["cicc_bucket"], project["cicc_prefix"]
+    _ok(_playbook("bucket.yml", project))
+    task_queue.claim(aws["s3"], task_queue.Queue(bucket, prefix), "in3.dat", owner="operator")
+    ami = aws["ec2"].describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    tags = [{"Key": "project", "Value": name}, {"Key": "role", "Value": "worker"}]
+    machine = aws["ec2"].run_instances(
+        ImageId=ami, MinCount=1, MaxCount=1, TagSpecifications=[{"ResourceType": "instance", "Tags": tags}]
+    )["Instances"][0]["InstanceId"]
+
+    result = _playbook("status.yml", project)
+    assert _ok(result)["changed"] == 0
+    text = _flat(result)
+    assert f"queue s3://{bucket}/{prefix}: 7 pending, 1 claimed (operator), 3 completed, 0 failed, 0 rejected lines" in text
+    assert f"machines of project {name} not terminated: 1 - {machine} (worker, running)" in text
+
+    result = _playbook("status.yml", {**project, "cicc_status_json": True}, ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    _ok(result)
+    shown = json.loads(_task_result(result, "Show the queue and the fleet")["msg"])
+    assert (shown["queue"]["pending"], shown["queue"]["claimed"], shown["queue"]["completed"]) == (7, 1, 3)
+    assert shown["queue"]["claims"][0]["owner"] == "operator"
+    assert shown["machines"] == [{"instance_id": machine, "role": "worker", "state": "running"}]
+
+
+def test_mount_shows_the_bucket_as_files_and_unmounts(own_emulator, project, tmp_path) -> None:
+    """s3fs on this machine against the emulator: check mode, mount, idempotent, the files readable, unmount."""
+    mount = tmp_path / "s3"
+    settings = {**project, "cicc_mount_path": str(mount), "cicc_key_dir": str(tmp_path / "keys")}
+    passwd = tmp_path / "keys" / f"passwd-s3fs-{project['cicc_bucket']}"
+    _ok(_playbook("bucket.yml", project))
+    try:
+        assert _ok(_playbook("mount.yml", settings, "--check"))["changed"] >= 1
+        assert not passwd.exists()
+        assert _ok(_playbook("mount.yml", settings))["changed"] >= 1
+        assert oct(passwd.stat().st_mode & 0o777) == "0o600"
+        assert subprocess.run(["mountpoint", "-q", str(mount)], check=False).returncode == 0
+        folder = mount / project["cicc_prefix"].rstrip("/")
+        assert (folder / "tasklist.txt").read_text().split() == [f"in{i}.dat" for i in range(3, 10)]
+        assert (folder / "in3.dat").stat().st_size == INPUT_SIZE
+        assert _ok(_playbook("mount.yml", settings))["changed"] == 0
+
+        unmount = {**settings, "cicc_mount_state": "absent"}
+        assert _ok(_playbook("mount.yml", unmount))["changed"] >= 1
+        assert subprocess.run(["mountpoint", "-q", str(mount)], check=False).returncode != 0
+        assert not passwd.exists()
+        assert _ok(_playbook("mount.yml", unmount))["changed"] == 0
+    finally:
+        subprocess.run(["fusermount", "-u", str(mount)], check=False, capture_output=True)
 
 
 # --- least privilege, with IAM enforced -------------------------------------------------------------------
