@@ -152,9 +152,11 @@ def inline_runner(process_module, worker_module):
 def make_worker(emulator, bucket, tmp_path, worker_module):
     """Build a worker on the test bucket with its own S3 client and work directory."""
 
-    def make(runner, owner: str = "w1", **settings):
+    def make(runner, owner: str = "w1", spot_watch: bool = False, **settings):
         options = {"bucket": bucket, "workdir": str(tmp_path), "lease_seconds": 30, "endpoint_url": emulator}
         worker_settings = worker_module.Settings(**{**options, **settings})
-        return worker_module.Worker(worker_settings, worker_module.s3_client(worker_settings), runner, owner=owner)
+        client = worker_module.s3_client(worker_settings)
+        watch = worker_module.SpotWatch(worker_settings, runner) if spot_watch else None
+        return worker_module.Worker(worker_settings, client, runner, owner=owner, spot_watch=watch)
 
     return make

@@ -16,7 +16,10 @@ may carry job parameters as a JSON object (JOB_SETTINGS: how many tasks to take,
 pause), so one AMI serves every way of running the fleet. Credentials come from the instance
 profile through boto3's usual chain: never from this file.
 
-Exit codes: 0 queue drained (or the task limit reached), 1 unexpected error, 2 bad settings or the queue cannot be worked
+On a spot interruption notice it stops claiming, gives back the task in progress (the attempt
+does not count) and exits within the notice.
+
+Exit codes: 0 queue drained (or the task limit reached, or a spot interruption), 1 unexpected error, 2 bad settings or the queue cannot be worked
 (for example the kernel is missing: no task is claimed, so nothing is lost).
 """
 
@@ -73,6 +76,9 @@ class Settings:
     spectator_pause: int = 0
     # Tasks to take before stopping; 0: until the queue is drained. 1 is the seed's one task per boot.
     max_tasks: int = 0
+    # The instance metadata service, asked every spot_poll_seconds for a spot interruption notice.
+    metadata_url: str = IMDS
+    spot_poll_seconds: int = 5
     exit_action: str = "none"
 
     @classmethod
@@ -133,11 +139,12 @@ class DockerRunner:
 
         self.image = image
         self.client = docker.from_env()
+        self._container = None
 
     def run(self, task_dir: Path, name: str, kernel: str, output: str, timeout: float) -> str:
         from requests.exceptions import ConnectionError as RequestsConnectionError, ReadTimeout
 
-        container = self.client.containers.run(
+        self._container = container = self.client.containers.run(
             self.image,
             ["--input", name, "--kernel", kernel, "--output", output],
             volumes={str(task_dir): {"bind": "/data", "mode": "rw"}},
@@ -153,8 +160,18 @@ class DockerRunner:
                 raise TaskError(f"processing timed out after {timeout:.0f} s") from error
             report = container.logs(stdout=True, stderr=True).decode("utf-8", "replace").strip()
         finally:
+            self._container = None
             container.remove(force=True)
         return _check_report(code, report)
+
+    def cancel(self) -> None:
+        """Stop the running container, if any: its run then fails without an output."""
+        container = self._container
+        if container is not None:
+            try:
+                container.kill()
+            except Exception as error:  # noqa: BLE001 - it may have just ended by itself
+                LOG.info("could not stop the processing container: %s", error)
 
 
 class ProcessRunner:
@@ -162,20 +179,27 @@ class ProcessRunner:
 
     def __init__(self, program: str) -> None:
         self.program = program
+        self._process: subprocess.Popen | None = None
 
     def run(self, task_dir: Path, name: str, kernel: str, output: str, timeout: float) -> str:
         argv = [sys.executable, self.program, "--data", str(task_dir), "--input", name]
-        try:
-            done = subprocess.run(
-                argv + ["--kernel", kernel, "--output", output],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as error:
-            raise TaskError(f"processing timed out after {timeout:.0f} s") from error
-        return _check_report(done.returncode, (done.stdout + done.stderr).strip())
+        argv += ["--kernel", kernel, "--output", output]
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+            self._process = process
+            try:
+                report = process.communicate(timeout=timeout)[0]
+            except subprocess.TimeoutExpired as error:
+                process.kill()
+                raise TaskError(f"processing timed out after {timeout:.0f} s") from error
+            finally:
+                self._process = None
+        return _check_report(process.returncode, report.strip())
+
+    def cancel(self) -> None:
+        """Stop the running program, if any: its run then fails without an output."""
+        process = self._process
+        if process is not None:
+            process.kill()
 
 
 def _check_report(code: int, report: str) -> str:
@@ -217,8 +241,31 @@ class Heartbeat(threading.Thread):
             self.join()
 
 
+class SpotWatch(threading.Thread):
+    """Asks the metadata service for a spot interruption notice every few seconds. On a notice it
+    sets ``noticed`` and cancels the running task, so the worker gives it back and stops within the
+    two minutes AWS gives."""
+
+    def __init__(self, settings: Settings, runner) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.runner = settings, runner
+        self.noticed = threading.Event()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.settings.spot_poll_seconds):
+            if spot_interruption(self.settings):
+                LOG.warning("spot interruption notice: no more claims, giving back the task in progress")
+                self.noticed.set()
+                self.runner.cancel()
+                return
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
 class Worker:
-    def __init__(self, settings: Settings, client, runner, owner: str = "") -> None:
+    def __init__(self, settings: Settings, client, runner, owner: str = "", spot_watch: SpotWatch | None = None) -> None:
         self.settings, self.client, self.runner = settings, client, runner
         self.queue = settings.queue()
         self.owner = owner or settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -228,6 +275,7 @@ class Worker:
         self.failed: list[str] = []
         # Attempts that failed and went back to the queue: they count against max_tasks too.
         self.given_back = 0
+        self.spot_watch = spot_watch
 
     def run(self) -> int:
         """Work the queue until it is drained. Returns the exit code."""
@@ -242,22 +290,35 @@ class Worker:
             self.client, self.queue, self.owner, self.settings.instance_id, min(5.0, self.settings.lease_seconds / 4)
         )
         started = time.monotonic()
-        while not self._at_limit() and (lease := picker.next()):
-            self.work(lease, kernel)
-            if self.done and len(self.done) % self.settings.compact_every == 0:
-                self._compact(min_batch=self.settings.compact_every)
+        if self.spot_watch:
+            self.spot_watch.start()
+        try:
+            while not self._at_limit() and not self._interrupted() and (lease := picker.next()):
+                self.work(lease, kernel)
+                if self.done and len(self.done) % self.settings.compact_every == 0:
+                    self._compact(min_batch=self.settings.compact_every)
+        finally:
+            if self.spot_watch:
+                self.spot_watch.stop()
         for line, reason in picker.rejected:
             LOG.warning("tasklist line %r rejected: %s (recorded in rejected.txt)", line, reason)
         self._compact(force=True)
+        if self._interrupted():
+            stopped = "spot interruption"
+        else:
+            stopped = "task limit reached" if self._at_limit() else "queue drained"
         LOG.info(
             "%s: %d completed, %d failed by %s in %.1f s",
-            "task limit reached" if self._at_limit() else "queue drained",
+            stopped,
             len(self.done),
             len(self.failed),
             self.owner,
             time.monotonic() - started,
         )
         return EXIT_DRAINED
+
+    def _interrupted(self) -> bool:
+        return self.spot_watch is not None and self.spot_watch.noticed.is_set()
 
     def _at_limit(self) -> bool:
         taken = len(self.done) + len(self.failed) + self.given_back
@@ -293,7 +354,12 @@ class Worker:
             LOG.info("completed %s: %s", name, report)
         except (task_queue.BadInput, TaskError) as error:
             heartbeat.stop()  # the lock is rewritten below: no renewal may race with it
-            self._give_back(lease, error)
+            if self._interrupted():
+                # Not the task's fault: the attempt does not count, the next worker takes it at once.
+                task_queue.release(self.client, self.queue, lease)
+                LOG.warning("gave back %s (spot interruption)", name)
+            else:
+                self._give_back(lease, error)
         except task_queue.LeaseLost as error:
             LOG.warning("%s: not publishing, moving on", error)
         finally:
@@ -363,20 +429,31 @@ def instance_metadata(settings: Settings, timeout: float = 2.0) -> tuple[str, st
     except (OSError, ValueError, KeyError):
         pass
     try:
-        request = urllib.request.Request(
-            f"{IMDS}/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
-        )
-        token = urllib.request.urlopen(request, timeout=timeout).read().decode()
-        headers = {"X-aws-ec2-metadata-token": token}
-        request = urllib.request.Request(f"{IMDS}/meta-data/instance-id", headers=headers)
-        instance_id = urllib.request.urlopen(request, timeout=timeout).read().decode()
+        instance_id = _imds_get(settings, "meta-data/instance-id", timeout)
     except OSError:
         return "", ""
     try:
-        request = urllib.request.Request(f"{IMDS}/user-data", headers=headers)
-        return instance_id, urllib.request.urlopen(request, timeout=timeout).read().decode()
+        return instance_id, _imds_get(settings, "user-data", timeout)
     except OSError:  # 404: launched without user data
         return instance_id, ""
+
+
+def _imds_get(settings: Settings, path: str, timeout: float = 2.0) -> str:
+    """GET a metadata path with an IMDSv2 session token; raises OSError (HTTPError on 404)."""
+    request = urllib.request.Request(
+        f"{settings.metadata_url}/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
+    )
+    token = urllib.request.urlopen(request, timeout=timeout).read().decode()
+    request = urllib.request.Request(f"{settings.metadata_url}/{path}", headers={"X-aws-ec2-metadata-token": token})
+    return urllib.request.urlopen(request, timeout=timeout).read().decode()
+
+
+def spot_interruption(settings: Settings) -> bool:
+    """Whether AWS has scheduled this spot instance's interruption (the path answers 404 until then)."""
+    try:
+        return bool(_imds_get(settings, "meta-data/spot/instance-action"))
+    except OSError:
+        return False
 
 
 def upload_log(client, settings: Settings, owner: str, log_file: Path) -> None:
@@ -417,14 +494,18 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as error:
         print(f"cicc-worker: {error}", file=sys.stderr)
         return EXIT_UNWORKABLE
-    job_notes = []
+    runner = DockerRunner(settings.image) if args.runner == "docker" else ProcessRunner(args.program)
+    job_notes, spot_watch = [], None
     if not settings.instance_id:
         settings.instance_id, user_data = instance_metadata(settings)
         job_notes = settings.apply_job(user_data)
+        # On EC2 (not the local cloud, whose identity file stands in for the metadata service) a spot
+        # instance may be reclaimed: watch for the notice.
+        if settings.instance_id and not Path(settings.identity_file).exists():
+            spot_watch = SpotWatch(settings, runner)
     session = boto3.session.Session()
     client = s3_client(settings, session)
-    runner = DockerRunner(settings.image) if args.runner == "docker" else ProcessRunner(args.program)
-    worker = Worker(settings, client, runner)
+    worker = Worker(settings, client, runner, spot_watch=spot_watch)
     log_file = worker.workdir / "log.txt"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(

@@ -3,6 +3,7 @@ workers at once, and fault-matrix rows 2, 4, 9 and 12 plus the bad inputs."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
@@ -153,6 +154,53 @@ def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, emulator, tmp_
     _assert_drained(s3, bucket, ["in1.dat"])
 
 
+# Publishes in1.dat's output from a file that reads slowly, and says so, once the HTTP connection sends it
+# (botocore reads the body beforehand for its checksums, fast), so that the test can kill the process in the
+# middle of the upload.
+_DYING_UPLOAD = """
+import io, sys, time, traceback, boto3
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+endpoint, bucket, path = sys.argv[1:4]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+queue = tq.Queue(bucket, lease_seconds=2)
+lease = tq.claim(s3, queue, "in1.dat", "dying")
+
+class SlowOnTheWire(io.FileIO):
+    def read(self, size=-1):
+        if any(frame.name == "urlopen" for frame in traceback.extract_stack()):
+            print("uploading", flush=True)
+            time.sleep(0.2)
+            size = 65536
+        return super().read(size)
+
+with SlowOnTheWire(path) as body:
+    tq.publish_output(s3, queue, lease, body)
+print("published", flush=True)
+"""
+
+
+def test_row6_worker_killed_mid_upload_leaves_no_partial_output(s3, bucket, emulator, tmp_path, make_worker, inline_runner):
+    data = os.urandom(4 * 1024 * 1024)
+    _upload(s3, bucket, {"in1.dat": data, "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
+    output = tmp_path / "out1.dat"
+    output.write_bytes(os.urandom(len(data)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
+    dying = subprocess.Popen(
+        [sys.executable, "-c", _DYING_UPLOAD, emulator, bucket, str(output)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert dying.stdout.readline().strip() == "uploading"
+        time.sleep(0.5)  # a few chunks are on the wire
+    finally:
+        dying.kill()
+    assert dying.wait(10) == -signal.SIGKILL
+    assert "out1.dat" not in _keys(s3, bucket), "a partial output is visible"
+    time.sleep(2.5)  # the dead worker's lease runs out
+    assert make_worker(inline_runner, "next", lease_seconds=2).run() == 0
+    assert _body(s3, bucket, "out1.dat") == _expected(s3, bucket, "in1.dat")
+    _assert_drained(s3, bucket, ["in1.dat"])
+
+
 @pytest.mark.parametrize(
     "program, reason",
     [
@@ -202,6 +250,95 @@ def test_task_limit_stops_the_worker_and_leaves_the_rest(s3, bucket, make_worker
     assert _run_all([make_worker(inline_runner, owner=f"w{i}", max_tasks=1) for i in (2, 3, 4)]) == [0, 0, 0]
     assert len(inline_runner.runs) == len(names)
     _assert_drained(s3, bucket, names)
+
+
+class FakeMetadata(http.server.ThreadingHTTPServer):
+    """The instance metadata service on 127.0.0.1: IMDSv2 tokens, and a spot notice once ``notice`` is set."""
+
+    def __init__(self) -> None:
+        self.notice = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(handler) -> None:  # noqa: N805 - the server is self
+                handler._answer(200, b"token" if handler.path == "/latest/api/token" else b"")
+
+            def do_GET(handler) -> None:  # noqa: N805
+                if handler.path == "/latest/meta-data/spot/instance-action" and self.notice.is_set():
+                    handler._answer(200, b'{"action": "terminate", "time": "2026-11-30T12:02:00Z"}')
+                else:
+                    handler._answer(404, b"")
+
+            def _answer(handler, code: int, body: bytes) -> None:  # noqa: N805
+                handler.send_response(code)
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args) -> None:  # noqa: N805 - quiet
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/latest"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class NoticeDuringTask:
+    """A processing step that runs until cancelled; AWS sends the spot notice while it runs."""
+
+    def __init__(self, metadata: FakeMetadata, worker_module) -> None:
+        self.metadata, self.error = metadata, worker_module.TaskError
+        self.cancelled = threading.Event()
+        self.runs: list[str] = []
+
+    def run(self, task_dir, name, kernel, output, timeout) -> str:
+        self.runs.append(name)
+        self.metadata.notice.set()
+        if not self.cancelled.wait(timeout):
+            return "SUCCESS (never cancelled)"
+        raise self.error("processing stopped")
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_row10_spot_notice_gives_back_the_task_and_stops(s3, bucket, make_worker, inline_runner, worker_module, caplog):
+    names = ["in1.dat", "in2.dat"]
+    _upload(s3, bucket, {"kernel.dat": b"k", **{name: b"data" for name in names}})
+    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    metadata = FakeMetadata()
+    try:
+        runner = NoticeDuringTask(metadata, worker_module)
+        worker = make_worker(runner, "spot", spot_watch=True, metadata_url=metadata.url, spot_poll_seconds=1)
+        with caplog.at_level("INFO", logger="cicc-worker"):
+            assert worker.run() == 0
+            # One claim, cancelled and given back: no output, no lock, no failure.
+            assert len(runner.runs) == 1 and runner.cancelled.is_set()
+            assert "spot interruption: 0 completed, 0 failed by spot" in caplog.text
+            assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "failed/") == []
+            assert not [key for key in _keys(s3, bucket) if key.startswith("out")]
+            # The next worker takes both tasks, the given-back one at its first attempt again.
+            assert make_worker(inline_runner, "next").run() == 0
+    finally:
+        metadata.shutdown()
+    assert sorted(inline_runner.runs) == names
+    _assert_drained(s3, bucket, names)
+    assert caplog.text.count("(attempt 1)") == 3 and "(attempt 2)" not in caplog.text
+
+
+def test_row11_refused_termination_falls_back_to_shutdown(worker_module, monkeypatch) -> None:
+    """TerminateInstances refused: the worker shuts the OS down (the instance's shutdown behaviour terminates it)."""
+
+    class Refusing:
+        def client(self, *args, **kwargs):
+            return self
+
+        def terminate_instances(self, **kwargs):
+            raise RuntimeError("UnauthorizedOperation")
+
+    commands = []
+    monkeypatch.setattr(worker_module.subprocess, "run", lambda argv, **kwargs: commands.append(argv))
+    worker_module.terminate_self(worker_module.Settings(bucket="b", instance_id="i-1"), Refusing())
+    assert commands == [["systemctl", "poweroff"]]
 
 
 def test_bad_inputs_are_recorded_and_lose_nothing(s3, bucket, make_worker, inline_runner, worker_module, monkeypatch):

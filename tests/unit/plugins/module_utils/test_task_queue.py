@@ -160,6 +160,23 @@ def test_row3_output_uploaded_then_worker_died(s3, bucket):
     assert _body(s3, queue.bucket, "out1.dat") == b"result"  # not recomputed
 
 
+@pytest.mark.parametrize("skew", [-600, 600])
+def test_row5_worker_clock_off_by_ten_minutes(s3, bucket, monkeypatch, skew):
+    """Leases are timed by S3's clock: a worker whose clock is 10 minutes off takes no live lease over
+    and is not kept from an expired one."""
+    queue = tq.Queue(bucket, lease_seconds=2)
+    _seed(s3, queue, ["in1.dat"])
+    holder = tq.claim(s3, queue, "in1.dat", "holder")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew)
+    with pytest.raises(tq.ClaimConflict):
+        tq.claim(s3, queue, "in1.dat", "skewed")
+    tq.renew(s3, queue, holder)
+    time.sleep(2.5)  # the holder stops renewing; its lease runs out by S3's clock
+    taken = tq.claim(s3, queue, "in1.dat", "skewed")
+    assert (taken.owner, taken.attempts) == ("skewed", 2)
+
+
 def test_row4_paused_worker_loses_its_lease_and_cannot_write(s3, bucket):
     queue = tq.Queue(bucket, lease_seconds=1)
     _seed(s3, queue, ["in1.dat"])
