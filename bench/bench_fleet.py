@@ -147,7 +147,7 @@ class LocalRun:
 
 def _timestamp(text: str) -> datetime:
     """Docker's RFC 3339 time with nanoseconds, to a datetime (microseconds)."""
-    head, _, fraction = text.rstrip("Z").partition(".")
+    head, _dot, fraction = text.rstrip("Z").partition(".")
     return datetime.fromisoformat(f"{head}.{(fraction or '0')[:6]:0<6}+00:00")
 
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     with OwnMoto() as moto:
         run = LocalRun(moto.url, moto.port)
         try:
-            _, seconds = run.playbook({"cicc_fleet_size": 3})
+            _output, seconds = run.playbook({"cicc_fleet_size": 3})
             print(f"setup: site.yml (bucket, IAM, base instance, configure, AMI, a first drain) in {seconds:.0f} s")
             for repeat in range(args.repeats):
                 names = list(APPROACHES) if repeat % 2 == 0 else list(reversed(APPROACHES))

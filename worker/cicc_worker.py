@@ -19,8 +19,9 @@ profile through boto3's usual chain: never from this file.
 On a spot interruption notice it stops claiming, gives back the task in progress (the attempt
 does not count) and exits within the notice.
 
-Exit codes: 0 queue drained (or the task limit reached, or a spot interruption), 1 unexpected error, 2 bad settings or the queue cannot be worked
-(for example the kernel is missing: no task is claimed, so nothing is lost).
+Exit codes: 0 queue drained (or the task limit reached, or a spot interruption), 1 unexpected
+error, 2 bad settings or the queue cannot be worked (for example the kernel is missing: no task
+is claimed, so nothing is lost).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Settings:
         try:
             job = json.loads(user_data)
         except ValueError:
-            return ["user data is not a JSON object of job parameters: ignored"]
+            job = None
         if not isinstance(job, dict):
             return ["user data is not a JSON object of job parameters: ignored"]
         notes = []
@@ -343,6 +344,8 @@ class Worker:
             input_etag = self._stage_input(name, task_dir)
             os.link(kernel, task_dir / kernel.name)
             output = task_queue.output_name(name)
+            if self._interrupted():  # the notice came while the input was staged
+                raise TaskError("spot interruption")
             report = self.runner.run(task_dir, name, kernel.name, output, self.settings.task_timeout)
             heartbeat.stop()
             if heartbeat.lost.is_set():

@@ -221,7 +221,7 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client
     assert "s from launch until every worker had terminated" in flat
 
     # status.yml says the same: the queue drained, no machine left.
-    status, _ = _pipeline(env, settings, "playbooks/status.yml")
+    status, _seconds = _pipeline(env, settings, "playbooks/status.yml")
     _ok(status)
     flat = " ".join(status.stdout.split())
     assert f"queue s3://{bucket}/: 0 pending, 0 claimed, 10 completed, 0 failed, 0 rejected lines - drained" in flat

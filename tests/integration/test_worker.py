@@ -252,32 +252,32 @@ def test_task_limit_stops_the_worker_and_leaves_the_rest(s3, bucket, make_worker
     _assert_drained(s3, bucket, names)
 
 
+class _MetadataHandler(http.server.BaseHTTPRequestHandler):
+    def do_PUT(self) -> None:
+        self._answer(200, b"token" if self.path == "/latest/api/token" else b"")
+
+    def do_GET(self) -> None:
+        if self.path == "/latest/meta-data/spot/instance-action" and self.server.notice.is_set():
+            self._answer(200, b'{"action": "terminate", "time": "2026-11-30T12:02:00Z"}')
+        else:
+            self._answer(404, b"")
+
+    def _answer(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
 class FakeMetadata(http.server.ThreadingHTTPServer):
     """The instance metadata service on 127.0.0.1: IMDSv2 tokens, and a spot notice once ``notice`` is set."""
 
     def __init__(self) -> None:
         self.notice = threading.Event()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_PUT(handler) -> None:  # noqa: N805 - the server is self
-                handler._answer(200, b"token" if handler.path == "/latest/api/token" else b"")
-
-            def do_GET(handler) -> None:  # noqa: N805
-                if handler.path == "/latest/meta-data/spot/instance-action" and self.notice.is_set():
-                    handler._answer(200, b'{"action": "terminate", "time": "2026-11-30T12:02:00Z"}')
-                else:
-                    handler._answer(404, b"")
-
-            def _answer(handler, code: int, body: bytes) -> None:  # noqa: N805
-                handler.send_response(code)
-                handler.send_header("Content-Length", str(len(body)))
-                handler.end_headers()
-                handler.wfile.write(body)
-
-            def log_message(handler, *args) -> None:  # noqa: N805 - quiet
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(("127.0.0.1", 0), _MetadataHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}/latest"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
