@@ -26,73 +26,23 @@ Usage: bench/bench_fleet.py [--repeats 1]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
 import statistics
-import subprocess
-import time
-import uuid
 from datetime import datetime
-from pathlib import Path
 
-import boto3
-import docker
-
-from common import REGION, ROOT, OwnMoto, link_collection
+from common import LocalProject, OwnMoto, link_collection
 
 SEED_INPUTS, SEED_DONE = 10, 3
 APPROACHES = {
     "drain": {"cicc_fleet_size": 3, "cicc_fleet_tasks_per_machine": 0},
     "one per boot": {"cicc_fleet_size": SEED_INPUTS - SEED_DONE, "cicc_fleet_tasks_per_machine": 1},
 }
-TIMEOUT = 1800
 _WALL = re.compile(r"([0-9.]+) s from launch until every worker had terminated")
 
 
-class LocalRun:
-    """A project of its own on the bench's emulator: playbooks run through scripts/pipeline.sh."""
-
-    def __init__(self, endpoint: str, port: int) -> None:
-        run_id = uuid.uuid4().hex[:8]
-        self.endpoint, self.project, self.bucket = endpoint, f"bench{run_id}", f"cicc-bench-{run_id}"
-        self.env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "CICC_"))}
-        self.env.update(
-            CICC_TARGET="local",
-            CICC_PROJECT=self.project,
-            CICC_EMULATOR_PORT=str(port),
-            CICC_REGION=REGION,
-            ANSIBLE_NOCOLOR="1",
-            ANSIBLE_DEPRECATION_WARNINGS="0",
-        )
-        session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
-        self.s3 = session.client("s3", endpoint_url=endpoint)
-        self.ec2 = session.client("ec2", endpoint_url=endpoint)
-        self.docker = docker.from_env()
-
-    def playbook(self, settings: dict, *args: str) -> tuple[str, float]:
-        """Run a playbook (site.yml unless args name one); (its output, its wall time). Fails loudly."""
-        settings = {"cicc_bucket": self.bucket, "cicc_fleet_poll_seconds": 1, **settings}
-        started = time.monotonic()
-        done = subprocess.run(
-            [str(ROOT / "scripts" / "pipeline.sh"), *args, "-e", json.dumps(settings)],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(args) or 'site.yml'} failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}")
-        return done.stdout, time.monotonic() - started
-
-    def instances(self, **tags: str) -> set[str]:
-        """Ids of the project's instances (in any state) carrying these tags too."""
-        filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in {"project": self.project, **tags}.items()]
-        reservations = self.ec2.describe_instances(Filters=filters)["Reservations"]
-        return {instance["InstanceId"] for reservation in reservations for instance in reservation["Instances"]}
+class FleetRun(LocalProject):
+    """The fleet measured on a project whose AMI is made: reset the queue, run fleet.yml, count."""
 
     def reset_queue(self) -> None:
         """The seed's state again: the data set's objects stay, every other key goes, the lists are rewritten."""
@@ -130,20 +80,6 @@ class LocalRun:
             "playbook": playbook_seconds,
         }
 
-    def clean_up(self) -> None:
-        """teardown.yml, then what the Docker Engine keeps of this run: stopped containers, committed images."""
-        instance_ids = self.instances()
-        self.playbook({"cicc_delete_bucket": True}, "playbooks/teardown.yml")
-        label = {"label": f"cicc.ec2-endpoint={self.endpoint}"}
-        for container in self.docker.containers.list(all=True, filters=label):
-            container.remove(force=True)
-        for image in self.docker.images.list(name="cicc-ami", filters=label):
-            for tag in image.tags:
-                self.docker.images.remove(tag, force=True)
-        for instance_id in instance_ids:
-            for directory in (Path("/var/lib/cicc/instances") / instance_id, Path("/var/lib/cicc/work") / instance_id):
-                shutil.rmtree(directory, ignore_errors=True)
-
 
 def _timestamp(text: str) -> datetime:
     """Docker's RFC 3339 time with nanoseconds, to a datetime (microseconds)."""
@@ -178,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs")
     results = []
     with OwnMoto() as moto:
-        run = LocalRun(moto.url, moto.port)
+        run = FleetRun(moto.url, moto.port)
         try:
             _output, seconds = run.playbook({"cicc_fleet_size": 3})
             print(f"setup: site.yml (bucket, IAM, base instance, configure, AMI, a first drain) in {seconds:.0f} s")

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import types
 import urllib.request
+import uuid
 from pathlib import Path
+
+import boto3
+import docker
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIONS = ROOT / ".collections"
 REGION = "us-east-1"
+# The longest a playbook of the local pipeline may take.
+PLAYBOOK_TIMEOUT = 1800
 
 
 def link_collection() -> None:
@@ -85,3 +93,61 @@ class OwnMoto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class LocalProject:
+    """A project and bucket of its own on an emulator of the local cloud: playbooks run through scripts/pipeline.sh."""
+
+    def __init__(self, endpoint: str, port: int) -> None:
+        run_id = uuid.uuid4().hex[:8]
+        self.endpoint, self.project, self.bucket = endpoint, f"bench{run_id}", f"cicc-bench-{run_id}"
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "CICC_"))}
+        self.env.update(
+            CICC_TARGET="local",
+            CICC_PROJECT=self.project,
+            CICC_EMULATOR_PORT=str(port),
+            CICC_REGION=REGION,
+            ANSIBLE_NOCOLOR="1",
+            ANSIBLE_DEPRECATION_WARNINGS="0",
+        )
+        session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+        self.s3 = session.client("s3", endpoint_url=endpoint)
+        self.ec2 = session.client("ec2", endpoint_url=endpoint)
+        self.docker = docker.from_env()
+
+    def playbook(self, settings: dict, *args: str) -> tuple[str, float]:
+        """Run a playbook (site.yml unless args name one); (its output, its wall time). Fails loudly."""
+        settings = {"cicc_bucket": self.bucket, "cicc_fleet_poll_seconds": 1, **settings}
+        started = time.monotonic()
+        done = subprocess.run(
+            [str(ROOT / "scripts" / "pipeline.sh"), *args, "-e", json.dumps(settings)],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=PLAYBOOK_TIMEOUT,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(args) or 'site.yml'} failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}")
+        return done.stdout, time.monotonic() - started
+
+    def instances(self, **tags: str) -> set[str]:
+        """Ids of the project's instances (in any state) carrying these tags too."""
+        filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in {"project": self.project, **tags}.items()]
+        reservations = self.ec2.describe_instances(Filters=filters)["Reservations"]
+        return {instance["InstanceId"] for reservation in reservations for instance in reservation["Instances"]}
+
+    def clean_up(self) -> None:
+        """teardown.yml, then what the Docker Engine keeps of this run: stopped containers, committed images."""
+        instance_ids = self.instances()
+        self.playbook({"cicc_delete_bucket": True}, "playbooks/teardown.yml")
+        label = {"label": f"cicc.ec2-endpoint={self.endpoint}"}
+        for container in self.docker.containers.list(all=True, filters=label):
+            container.remove(force=True)
+        for image in self.docker.images.list(name="cicc-ami", filters=label):
+            for tag in image.tags:
+                self.docker.images.remove(tag, force=True)
+        for instance_id in instance_ids:
+            for directory in (Path("/var/lib/cicc/instances") / instance_id, Path("/var/lib/cicc/work") / instance_id):
+                shutil.rmtree(directory, ignore_errors=True)
