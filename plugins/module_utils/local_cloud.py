@@ -56,6 +56,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -102,6 +103,7 @@ class _Pass:
     state_dir: Path
     work_dir: Path
     check_mode: bool
+    remove_terminated: bool = False
     endpoint: str = ""
     region: str = ""
     # AMI ids whose image this pass commits (in check mode: would commit).
@@ -140,14 +142,17 @@ def reconcile(
     state_dir: str = DEFAULT_STATE_DIR,
     work_dir: str = DEFAULT_WORK_DIR,
     check_mode: bool = False,
+    remove_terminated: bool = False,
 ) -> dict:
     """Bring the engine in line with the emulator (see the module's docstring for the rules).
 
     ``filters`` (EC2 filters, Ansible's dict form) narrow the instances reconciled; containers of
     instances the emulator knows but the filters leave out are not touched. Images are committed
     first, so an image made from an instance that is being terminated is still taken from its
-    container, and instances launched from a new AMI in the same step boot it. In check mode
-    nothing is changed and the result says what would be.
+    container, and instances launched from a new AMI in the same step boot it. The container of a
+    terminated instance is kept, stopped, for its logs, unless ``remove_terminated`` (teardown): then
+    it goes with the instance's state and work directories. In check mode nothing is changed and the
+    result says what would be.
 
     Returns ``{"instances": [...], "images": [...], "changed": bool}``; each instance as
     ``{"instance_id", "state", "container": "running|exited|absent", "image", "action"}``, action
@@ -155,7 +160,7 @@ def reconcile(
     the machine powered off by itself); each own AMI made from an instance as
     ``{"ami_id", "source_instance", "image", "committed", "removed"}``.
     """
-    run = _Pass(ec2, docker, base_image, Path(state_dir), Path(work_dir), check_mode)
+    run = _Pass(ec2, docker, base_image, Path(state_dir), Path(work_dir), check_mode, remove_terminated)
     run.endpoint, run.region = ec2.meta.endpoint_url, ec2.meta.region_name
     containers = _our_containers(docker, run.endpoint)
     own_amis = _own_amis(ec2)
@@ -374,6 +379,10 @@ def _reconcile_instance(run: _Pass, instance: dict, container) -> dict:
         # through the API, then powered off). Recorded so that starting the instance again boots the
         # container instead of being taken for a new power-off.
         _record_stop(marker, instance_id)
+    if run.remove_terminated and state == "terminated" and current != "absent":
+        if not run.check_mode:
+            _remove(run, container, instance_id)
+        entry.update(container="absent", action="removed")
     return entry
 
 
@@ -484,18 +493,19 @@ def _remove_orphan(run: _Pass, container, instance_id: str) -> dict:
         "action": "removed",
     }
     if not run.check_mode:
-        try:
-            container.remove(force=True)
-        except _docker_error() as e:
-            raise LocalCloudError(f"Couldn't remove the container of unknown instance {instance_id}: {e}") from e
-        directory = run.state_dir / instance_id
-        try:
-            for name in ("identity.json", _STOP_MARKER):
-                (directory / name).unlink(missing_ok=True)
-            directory.rmdir()
-        except OSError:
-            pass  # the container is gone, which is what counts; a leftover file there harms nothing
+        _remove(run, container, instance_id)
     return entry
+
+
+def _remove(run: _Pass, container, instance_id: str) -> None:
+    """Remove an instance's container, then its state and work directories."""
+    try:
+        container.remove(force=True)
+    except _docker_error() as e:
+        raise LocalCloudError(f"Couldn't remove the container of instance {instance_id}: {e}") from e
+    # The container is gone, which is what counts; a leftover file harms nothing.
+    shutil.rmtree(run.state_dir / instance_id, ignore_errors=True)
+    shutil.rmtree(run.work_dir / instance_id, ignore_errors=True)
 
 
 # --- helpers ----------------------------------------------------------------------------------------

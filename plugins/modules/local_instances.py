@@ -17,8 +17,8 @@ description:
   - An instance that is C(pending) or C(running) gets a running container, created from C(cicc-ami:<ami-id>) when
     that image exists, else from O(base_image) (which stands for the looked-up Ubuntu AMI and any other AMI).
   - An instance that is C(stopping), C(stopped), C(shutting-down) or C(terminated) gets its container stopped. The
-    container is kept so that its logs can still be read; the container of an instance the emulator no longer
-    knows is removed.
+    container is kept so that its logs can still be read, unless O(remove_terminated=true) and the instance is
+    C(terminated); the container of an instance the emulator no longer knows is removed.
   - Each AMI owned by the account that was made from an instance (its C(cicc:source-instance) tag, else the
     C(SourceInstanceId) EC2 reports) gets its image C(cicc-ami:<ami-id>) by C(docker commit) of that instance's
     container, before any instance is handled, so a fleet launched from it boots it. Cleaning the machine first
@@ -63,6 +63,12 @@ options:
         created when missing.
     default: /var/lib/cicc/work
     type: path
+  remove_terminated:
+    description:
+      - Remove the containers of terminated instances with their state and work directories, as teardown does.
+        When V(false) they are kept, stopped, for their logs (C(docker logs <instance id>)).
+    default: false
+    type: bool
   wait:
     description:
       - Wait until systemd has booted (C(systemctl is-system-running) answers C(running) or C(degraded)) in every
@@ -170,7 +176,8 @@ local_cloud:
         action:
           description:
             - What this run did - V(none), V(created), V(started) or V(stopped) (the container), V(removed) (the
-              container of an instance the emulator no longer knows), V(terminated) or V(stopped-instance) (the
+              container of a terminated instance with O(remove_terminated=true), or of an instance the emulator no
+              longer knows), V(terminated) or V(stopped-instance) (the
               instance, after its machine powered off).
           type: str
           returned: always
@@ -282,6 +289,7 @@ def main():
         filters=dict(type="dict", default={}),
         state_dir=dict(type="path", default="/var/lib/cicc/instances"),
         work_dir=dict(type="path", default="/var/lib/cicc/work"),
+        remove_terminated=dict(type="bool", default=False),
         wait=dict(type="bool", default=True),
         wait_timeout=dict(type="int", default=120),
     )
@@ -306,6 +314,7 @@ def main():
             state_dir=params["state_dir"],
             work_dir=params["work_dir"],
             check_mode=module.check_mode,
+            remove_terminated=params["remove_terminated"],
         )
     except LocalCloudError as e:
         module.fail_json(msg=str(e))

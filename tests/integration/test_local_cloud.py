@@ -78,7 +78,7 @@ class Cloud:
         self.instances.append(instance["InstanceId"])
         return instance["InstanceId"]
 
-    def reconcile(self, check_mode: bool = False) -> dict:
+    def reconcile(self, check_mode: bool = False, remove_terminated: bool = False) -> dict:
         return lc.reconcile(
             self.ec2,
             self.docker,
@@ -87,6 +87,7 @@ class Cloud:
             state_dir=str(self.state_dir),
             work_dir=str(self.work_dir),
             check_mode=check_mode,
+            remove_terminated=remove_terminated,
         )
 
     def state(self, instance_id: str) -> str:
@@ -226,6 +227,18 @@ def test_instance_image_fleet_and_termination(cloud):
     assert (stopped["state"], stopped["container"], stopped["action"]) == ("terminated", "exited", "stopped")
     assert cloud.container(base).status == "exited"
     assert cloud.reconcile()["changed"] is False
+
+    # Teardown's pass removes the container of a terminated instance with its files; the running one stays.
+    (cloud.work_dir / base).mkdir(exist_ok=True)
+    assert _by_id(cloud.reconcile(check_mode=True, remove_terminated=True))[base]["action"] == "removed"
+    assert cloud.container(base).status == "exited"
+    removed = _by_id(cloud.reconcile(remove_terminated=True))
+    assert (removed[base]["container"], removed[base]["action"]) == ("absent", "removed")
+    assert removed[worker]["action"] == "none"
+    with pytest.raises(docker.errors.NotFound):
+        cloud.container(base)
+    assert not (cloud.state_dir / base).exists() and not (cloud.work_dir / base).exists()
+    assert cloud.reconcile(remove_terminated=True)["changed"] is False
 
 
 def test_machine_that_powers_off_ends_its_instance(cloud):

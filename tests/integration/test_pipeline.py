@@ -238,8 +238,13 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client
     teardown, teardown_seconds = _pipeline(env, {**settings, "cicc_delete_bucket": True}, "playbooks/teardown.yml")
     _ok(teardown)
     assert _tagged(aws, project, bucket) == {}
+    # ... and nothing of the machines on this one: containers, their files, the AMI's image.
     for instance in instances:
-        assert docker_client.containers.get(instance["InstanceId"]).status == "exited"
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(instance["InstanceId"])
+        assert not (STATE_DIR / instance["InstanceId"]).exists() and not (WORK_DIR / instance["InstanceId"]).exists()
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.images.get(f"cicc-ami:{images[0]['ImageId']}")
 
     with capsys.disabled():
         print(
