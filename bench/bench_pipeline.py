@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                 if label == "first run":
                     output, seconds = run.playbook({"cicc_fleet_size": 3})
                     rows.append(("re-run", seconds, changed(output)))
-                output, seconds = run.playbook({"cicc_delete_bucket": True}, "playbooks/teardown.yml")
-                rows.append(("teardown", seconds, changed(output)))
-            finally:
+            except BaseException:
                 run.clean_up()
+                raise
+            output, seconds = run.playbook({"cicc_delete_bucket": True}, "playbooks/teardown.yml")
+            rows.append(("teardown", seconds, changed(output)))
             print("\n".join(f"{name:<10} {seconds:6.1f} s  changed={count}" for name, seconds, count in rows[start:]), flush=True)
     print(f"\n{'step':<10} {'wall s':>6}  changed tasks")
     for name, seconds, count in rows:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -139,15 +138,6 @@ class LocalProject:
         return {instance["InstanceId"] for reservation in reservations for instance in reservation["Instances"]}
 
     def clean_up(self) -> None:
-        """teardown.yml, then what the Docker Engine keeps of this run: stopped containers, committed images."""
-        instance_ids = self.instances()
+        """teardown.yml with the bucket: on the local cloud it also removes the machines' containers, their
+        files and the AMIs' images."""
         self.playbook({"cicc_delete_bucket": True}, "playbooks/teardown.yml")
-        label = {"label": f"cicc.ec2-endpoint={self.endpoint}"}
-        for container in self.docker.containers.list(all=True, filters=label):
-            container.remove(force=True)
-        for image in self.docker.images.list(name="cicc-ami", filters=label):
-            for tag in image.tags:
-                self.docker.images.remove(tag, force=True)
-        for instance_id in instance_ids:
-            for directory in (Path("/var/lib/cicc/instances") / instance_id, Path("/var/lib/cicc/work") / instance_id):
-                shutil.rmtree(directory, ignore_errors=True)

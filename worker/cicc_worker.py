@@ -274,8 +274,8 @@ class Worker:
         self.workdir = (Path(settings.workdir) / self.owner).resolve()
         self.done: list[str] = []
         self.failed: list[str] = []
-        # Attempts that failed and went back to the queue: they count against max_tasks too.
-        self.given_back = 0
+        # Claims worked on, whatever their outcome: what max_tasks counts.
+        self.taken = 0
         self.spot_watch = spot_watch
 
     def run(self) -> int:
@@ -295,6 +295,7 @@ class Worker:
             self.spot_watch.start()
         try:
             while not self._at_limit() and not self._interrupted() and (lease := picker.next()):
+                self.taken += 1
                 self.work(lease, kernel)
                 if self.done and len(self.done) % self.settings.compact_every == 0:
                     self._compact(min_batch=self.settings.compact_every)
@@ -322,8 +323,7 @@ class Worker:
         return self.spot_watch is not None and self.spot_watch.noticed.is_set()
 
     def _at_limit(self) -> bool:
-        taken = len(self.done) + len(self.failed) + self.given_back
-        return 0 < self.settings.max_tasks <= taken
+        return 0 < self.settings.max_tasks <= self.taken
 
     def _compact(self, **kwargs) -> None:
         """Fold the journal into the lists, best effort: what is not folded stays journaled
@@ -383,8 +383,6 @@ class Worker:
             return
         if state == "failed":
             self.failed.append(lease.name)
-        else:
-            self.given_back += 1
         LOG.error("attempt %d at %s failed (task now %s): %s", lease.attempts, lease.name, state, error)
 
     def _task_dir(self, name: str) -> Path:
