@@ -2,25 +2,27 @@
 
 For each N (tasks) x K (workers) it makes a fresh bucket on an S3 emulator with ``tasklist.txt``
 naming N tiny inputs (in00000.dat ...) and a 4-byte ``kernel.dat`` (this setup is not counted),
-then runs K ``cicc_worker.Worker`` loops as threads of this process, each with its own boto3
-session and client and a light in-process processing step (input XOR kernel with numpy), until
-the queue is drained. Every HTTP request the workers send is counted by a botocore hook
-(``before-send.s3`` / ``response-received.s3``, so retried attempts count too), with the bytes of
-request and response bodies, by operation and by key class:
+then runs K ``cicc_worker.Worker`` of the XOR job (jobs/xor.yml on that bucket, prefix "", no data
+set) as threads of this process, each with its own boto3 session and client, one slot (``--slots``)
+and a light in-process runner in place of the job's container (input XOR the shared kernel with
+numpy, written to the task's output directory), until the queue is drained. Every HTTP request
+the workers send is counted by a botocore hook (``before-send.s3`` / ``response-received.s3``, so
+retried attempts count too), with the bytes of request and response bodies, by operation and by
+key class:
 
 - list traffic: bodies of tasklist.txt / completed.txt / failed.txt / rejected.txt read or written;
 - listing traffic: ListObjectsV2 response bodies (counted separately).
 
 After each run it checks that every task was done exactly once (one processing run and one
-output write per task, N outputs, completed.txt = the N names, tasklist.txt empty, failed.txt
-empty, no lock and no journal key left) and prints FAIL otherwise.
+output write per task, N outputs and N manifests, completed.txt = the N names, tasklist.txt empty,
+failed.txt empty, no lock and no journal key left) and prints FAIL otherwise.
 
 Targets (the issue): <= 10 requests per task, flat in N and K; <= 64 KB of list traffic per task
 at N = 10,000.
 
 Usage: bench/bench_queue.py [--tasks 1000,10000] [--workers 1,8,32] [--endpoint URL]
                             [--lease-seconds 120] [--compact-every 20] [--max-attempts 10]
-                            [--quick] [--json FILE] [--task-queue PATH] [--worker PATH]
+                            [--slots 1] [--quick] [--json FILE] [--task-queue PATH] [--worker PATH]
 
 Without --endpoint it starts its own moto_server (from this interpreter's virtualenv) on a free
 127.0.0.1 port and stops it at the end. --task-queue / --worker load another copy of
@@ -49,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REGION, OwnMoto, link_collection, load_by_path, load_worker
+from common import REGION, OwnMoto, link_collection, load_by_path, load_worker, xor_job
 
 TQ_MODULE = "ansible_collections.cicc.cloud.plugins.module_utils.task_queue"
 LIST_FILES = ("tasklist.txt", "completed.txt", "failed.txt", "rejected.txt")
@@ -64,7 +66,8 @@ LIST_TARGET_AT = 10_000
 
 
 def load_code(task_queue_path: str | None, worker_path: str | None) -> tuple[types.ModuleType, types.ModuleType]:
-    """(task_queue, cicc_worker): the collection's, or the given copies (the worker then uses the copy)."""
+    """(task_queue, cicc_worker): the collection's, or the given copies (the worker, and the job module
+    it imports, then use the copy of task_queue)."""
     link_collection()
     from ansible_collections.cicc.cloud.plugins import module_utils
 
@@ -74,7 +77,7 @@ def load_code(task_queue_path: str | None, worker_path: str | None) -> tuple[typ
     else:
         from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
     worker = load_worker(Path(worker_path) if worker_path else None)
-    if worker.task_queue is not task_queue:
+    if worker.task_queue is not task_queue or worker.jobs.task_queue is not task_queue:
         raise SystemExit("the worker did not pick up the task_queue module under test")
     return task_queue, worker
 
@@ -87,7 +90,14 @@ def key_class(key: str) -> str:
         return "list"
     if key == "kernel.dat":
         return "kernel"
-    for prefix, name in (("locks/", "lock"), ("journal/", "journal"), ("failed/", "failed-record"), ("logs/", "log")):
+    prefixes = (
+        ("locks/", "lock"),
+        ("journal/", "journal"),
+        ("failed/", "failed-record"),
+        ("manifests/", "manifest"),
+        ("logs/", "log"),
+    )
+    for prefix, name in prefixes:
         if key.startswith(prefix):
             return name
     if key.startswith("in"):
@@ -186,22 +196,32 @@ class Meter:
 
 
 class XorRunner:
-    """The processing step in this process: output = input XOR kernel (tiled), written atomically."""
+    """The job's processing step in this process, in place of its container: output = input XOR the
+    shared kernel (tiled), written to the task's output directory under the job's output name, atomically
+    (a temp file beside it, renamed before the run returns, so only the output is published)."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker_mod) -> None:
+        self.result = worker_mod.RunResult
         self.runs: collections.Counter = collections.Counter()
         self.lock = threading.Lock()
 
-    def run(self, task_dir: Path, name: str, kernel: str, output: str, timeout: float) -> str:
+    def prepare(self, job, fetch) -> str:
+        return ""
+
+    def run(self, job, task: str, dirs, image_id: str):
         with self.lock:
-            self.runs[name] += 1
-        data = np.fromfile(task_dir / name, dtype=np.uint8)
-        key = np.fromfile(task_dir / kernel, dtype=np.uint8)
+            self.runs[task] += 1
+        output = job.output_name(task)
+        data = np.fromfile(dirs.input / task, dtype=np.uint8)
+        key = np.fromfile(dirs.shared / job.shared[0], dtype=np.uint8)
         data ^= np.resize(key, data.size)
-        partial = task_dir / f".{output}.tmp"
+        partial = dirs.output.parent / f".{output}.tmp"
         data.tofile(partial)
-        os.replace(partial, task_dir / output)
-        return f"SUCCESS {name} -> {output} ({data.size} bytes)"
+        os.replace(partial, dirs.output / output)
+        return self.result(0, f"SUCCESS {task} -> {output} ({data.size} bytes)")
+
+    def cancel(self) -> None:
+        pass
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -244,14 +264,24 @@ def _all_keys(admin, bucket: str, prefix: str = "") -> list[str]:
     return keys
 
 
-def verify(admin, task_queue, bucket: str, names: list[str], runner: XorRunner, meter: Meter) -> list[str]:
+def output_key(job, name: str) -> str:
+    """Where the XOR job publishes the output of task ``name`` (out00003.dat for in00003.dat)."""
+    return job.output_key(name, job.output_name(name))
+
+
+def verify(admin, task_queue, job, names: list[str], runner: XorRunner, meter: Meter) -> list[str]:
     """Everything that is wrong after the run (empty when every task was done exactly once)."""
     problems = []
+    bucket = job.bucket
+    queue = task_queue.Queue(bucket, job.prefix)
     expected = set(names)
     keys = _all_keys(admin, bucket)
-    outputs = {k for k in keys if k.startswith("out")}
-    if outputs != {task_queue.output_name(n) for n in names}:
+    outputs = {k for k in keys if key_class(k) == "output"}
+    if outputs != {output_key(job, n) for n in names}:
         problems.append(f"{len(outputs)} outputs for {len(names)} tasks")
+    manifests = {k for k in keys if key_class(k) == "manifest"}
+    if manifests != {queue.manifest_key(n) for n in names}:
+        problems.append(f"{len(manifests)} manifests for {len(names)} tasks")
     twice = [n for n, c in runner.runs.items() if c != 1]
     if twice or set(runner.runs) != expected:
         problems.append(f"{len(set(runner.runs))} tasks processed, {len(twice)} of them more than once")
@@ -277,7 +307,7 @@ def verify(admin, task_queue, bucket: str, names: list[str], runner: XorRunner, 
         if left:
             problems.append(f"{len(left)} {prefix} keys left")
     for index in (0, len(names) // 2, len(names) - 1):  # a few outputs are input XOR kernel
-        got = body(task_queue.output_name(names[index]))
+        got = body(output_key(job, names[index]))
         want = bytes(b ^ KERNEL[i % len(KERNEL)] for i, b in enumerate(_input(index)))
         if got != want:
             problems.append(f"output of {names[index]} is wrong")
@@ -297,7 +327,8 @@ def run_one(endpoint: str, task_queue, worker_mod, n: int, k: int, args) -> dict
     bucket = f"bench-q-n{n}-k{k}-{uuid.uuid4().hex[:8]}"
     names = [f"in{i:05d}.dat" for i in range(n)]
     setup_bucket(admin, bucket, names)
-    meter, runner = Meter(bucket), XorRunner()
+    job = xor_job(worker_mod.jobs, bucket)
+    meter, runner = Meter(bucket), XorRunner(worker_mod)
     errors: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="cicc-bench-queue-"))
     workers = []
@@ -305,16 +336,16 @@ def run_one(endpoint: str, task_queue, worker_mod, n: int, k: int, args) -> dict
         client = _client(endpoint, 4, args.max_attempts)
         meter.attach(client)
         settings_args = dict(
-            bucket=bucket,
             endpoint_url=endpoint,
             workdir=str(workdir / f"w{index:02d}"),
             lease_seconds=args.lease_seconds,
+            slots=args.slots,
             exit_action="none",
         )
         if args.compact_every:
             settings_args["compact_every"] = args.compact_every
         settings = worker_mod.Settings(**settings_args)
-        workers.append(worker_mod.Worker(settings, client, runner, owner=f"bench-w{index:02d}"))
+        workers.append(worker_mod.Worker(settings, client, job, runner, owner=f"bench-w{index:02d}"))
 
     def work(worker) -> None:
         try:
@@ -333,7 +364,7 @@ def run_one(endpoint: str, task_queue, worker_mod, n: int, k: int, args) -> dict
     for thread in threads:
         thread.join()
     wall = time.monotonic() - started
-    problems = errors + verify(admin, task_queue, bucket, names, runner, meter)
+    problems = errors + verify(admin, task_queue, job, names, runner, meter)
     shutil.rmtree(workdir, ignore_errors=True)
     cleanup(admin, bucket)
     list_total = meter.list_bytes["read"] + meter.list_bytes["written"]
@@ -426,12 +457,20 @@ def main(argv: list[str] | None = None) -> int:
         help="botocore attempts per call for the workers' clients (standard mode; every attempt is counted). "
         "moto 5.2 answers 500 to a ListObjectsV2 racing a DeleteObject in the same bucket",
     )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=1,
+        help="tasks each worker runs at once (its slots, at most vCPUs / the job's cpus; default 1: one loop a worker)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: --tasks 300 --workers 1,8")
     parser.add_argument("--top", type=int, default=6, help="operations shown per row")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--task-queue", help="use this copy of task_queue.py (e.g. a prototype)")
     parser.add_argument("--worker", help="use this copy of cicc_worker.py")
     args = parser.parse_args(argv)
+    if args.slots < 1:
+        parser.error("--slots must be at least 1")
     if args.quick:
         args.tasks, args.workers = [300], [1, 8]
     task_queue, worker_mod = load_code(args.task_queue, args.worker)
@@ -440,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"S3 task queue benchmark: N={args.tasks} K={args.workers}, lease {args.lease_seconds} s, "
-        f"compact_every {args.compact_every or worker_mod.Settings().compact_every}, "
+        f"compact_every {args.compact_every or worker_mod.Settings().compact_every}, {args.slots} slot(s) a worker, "
         f"{args.max_attempts} attempts per S3 call; "
         f"{INPUT_BYTES}-byte inputs, {len(KERNEL)}-byte kernel; python {platform.python_version()}, "
         f"boto3 {boto3.__version__}, botocore {botocore.__version__}, {os.cpu_count()} cores; "

@@ -5,19 +5,25 @@ of the same processing image plus the same transfers, measured side by side in t
 
 Each repeat times both methods, in alternating order (worker first on even repeats, baseline
 first on odd ones), each on a fresh bucket holding the seed's data set with every input pending
-(``dataset.build_dataset(inputs=N, done=0, input_size=SIZE)``; the upload is not timed):
+(``dataset.build_dataset(inputs=N, done=0, input_size=SIZE)``; the upload is not timed), worked
+as the XOR job of jobs/xor.yml (bucket replaced, prefix "", no data set; ``--image`` its image):
 
-(a) worker   - one ``cicc_worker.Worker`` (bucket, a work directory under a temp dir,
-               lease_seconds 120) with ``DockerRunner("cicc-process:latest")``; ``run()`` is timed
-               from start to return (kernel staging, claims, processing, publishing, journal,
-               final compaction), per-task wall = total / N. Every HTTP request of its S3 client
-               is counted by a botocore ``before-send`` hook; time in the runner, in each S3
-               operation and in staging the input is recorded to split the wall time.
+(a) worker   - one ``cicc_worker.Worker`` of that job (a work directory under a temp dir,
+               lease_seconds 120, slots 1: one task at a time, as the baseline) with
+               ``DockerRunner()``; ``run()`` is timed from start to return (image lookup, shared
+               kernel staging, claims, processing, publishing the output and the task's manifest,
+               journal, final compaction), per-task wall = total / N. Every HTTP request of its S3
+               client is counted by a botocore ``before-send`` hook; time in the runner, in each S3
+               operation, in staging the input (beside the previous container when the worker
+               prefetches) and after the last container (the end of the queue: the last publish,
+               the slot's last look for work, the final compaction) is recorded to split the wall time.
 (b) baseline - for each task, without the protocol: GetObject of the input and of the kernel
                streamed to a temp dir (as task_queue.download streams them), the same container
-               through the same docker SDK calls as DockerRunner (containers.run detached with
-               ``--network none`` and the dir bind-mounted at /data, wait, logs, remove), and a
-               plain PutObject of the output; per-task wall = total / N.
+               through the same docker SDK calls as DockerRunner (containers.run detached with the
+               job's argv ``job.argv(task)`` and environment, ``--network none``, the job's CPU and
+               memory limits, the input dir at /cicc/input and the kernel's at /cicc/shared
+               read-only, an empty /cicc/output; wait, logs, remove), and a plain PutObject of the
+               output to ``job.output_key(task, job.output_name(task))``; per-task wall = total / N.
 
 Both methods get a fresh boto3 client and docker client per repeat, warmed by one untimed
 request, and one untimed container run warms the image before the first repeat. Outputs of both
@@ -46,7 +52,7 @@ import types
 import uuid
 from pathlib import Path
 
-from common import REGION, OwnMoto, link_collection, load_worker
+from common import REGION, OwnMoto, link_collection, load_worker, xor_job
 
 TARGET = 1.5
 DEFAULT_IMAGE = "cicc-process:latest"
@@ -55,12 +61,12 @@ DEFAULT_IMAGE = "cicc-process:latest"
 # --- loading the code under test ------------------------------------------------------------------
 
 
-def load_code() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
-    """(task_queue, dataset, cicc_worker) from this checkout."""
+def load_code() -> tuple[types.ModuleType, types.ModuleType]:
+    """(dataset, cicc_worker) from this checkout; the worker's ``jobs`` is plugins/module_utils/job.py."""
     link_collection()
-    from ansible_collections.cicc.cloud.plugins.module_utils import dataset, task_queue
+    from ansible_collections.cicc.cloud.plugins.module_utils import dataset
 
-    return task_queue, dataset, load_worker()
+    return dataset, load_worker()
 
 
 # --- instruments ----------------------------------------------------------------------------------
@@ -102,20 +108,28 @@ class S3Meter:
 
 
 class TimedRunner:
-    """Wraps a runner and adds up the time spent in it."""
+    """Wraps a runner and adds up the time spent in its runs (``prepare``, the image lookup, is not a run)."""
 
     def __init__(self, runner) -> None:
         self.runner = runner
         self.seconds = 0.0
         self.runs = 0
+        self.last_end = 0.0  # perf_counter() when the last run ended
+
+    def prepare(self, job, fetch) -> str:
+        return self.runner.prepare(job, fetch)
 
     def run(self, *args, **kwargs):
         started = time.perf_counter()
         try:
             return self.runner.run(*args, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - started
+            self.last_end = time.perf_counter()
+            self.seconds += self.last_end - started
             self.runs += 1
+
+    def cancel(self) -> None:
+        self.runner.cancel()
 
 
 # --- the two methods ------------------------------------------------------------------------------
@@ -137,26 +151,32 @@ def fill_bucket(client, objects: dict[str, bytes]) -> str:
     return bucket
 
 
-def check_outputs(client, bucket: str, objects: dict[str, bytes], names: list[str], output_name, xor) -> None:
+def output_key(job, name: str) -> str:
+    """Where the XOR job publishes the output of task ``name`` (out3.dat for in3.dat)."""
+    return job.output_key(name, job.output_name(name))
+
+
+def check_outputs(client, job, objects: dict[str, bytes], names: list[str], xor) -> None:
     kernel = objects["kernel.dat"]
     for name in names:
-        body = client.get_object(Bucket=bucket, Key=output_name(name))["Body"].read()
+        key = output_key(job, name)
+        body = client.get_object(Bucket=job.bucket, Key=key)["Body"].read()
         if body != xor(objects[name], kernel):
-            raise SystemExit(f"FAIL: s3://{bucket}/{output_name(name)} is not {name} XOR kernel")
+            raise SystemExit(f"FAIL: s3://{job.bucket}/{key} is not {name} XOR kernel")
 
 
 def run_worker(mods, endpoint: str, objects, names, image: str, tmp: Path) -> dict:
-    task_queue, dataset, cicc_worker = mods
+    dataset, cicc_worker = mods
     setup = new_client(endpoint)
     bucket = fill_bucket(setup, objects)
+    job = xor_job(cicc_worker.jobs, bucket, image_name=image)
     client = new_client(endpoint)
     meter = S3Meter(client)
     meter.reset()  # the warm-up request is not the worker's
-    runner = TimedRunner(cicc_worker.DockerRunner(image))
-    settings = cicc_worker.Settings(
-        bucket=bucket, workdir=str(tmp / f"worker-{bucket}"), image=image, lease_seconds=120
-    )
-    worker = cicc_worker.Worker(settings, client, runner, owner="bench-worker")
+    runner = TimedRunner(cicc_worker.DockerRunner())
+    # One task at a time, as the baseline: bench_slots.py measures slots.
+    settings = cicc_worker.Settings(workdir=str(tmp / f"worker-{bucket}"), lease_seconds=120, slots=1)
+    worker = cicc_worker.Worker(settings, client, job, runner, owner="bench-worker")
     stage = {"seconds": 0.0}
     stage_input = worker._stage_input
 
@@ -170,15 +190,17 @@ def run_worker(mods, endpoint: str, objects, names, image: str, tmp: Path) -> di
     worker._stage_input = timed_stage_input  # GetObject of the input with its streamed body
     started = time.perf_counter()
     code = worker.run()
-    total = time.perf_counter() - started
+    ended = time.perf_counter()
+    total = ended - started
     if code != 0 or sorted(worker.done) != sorted(names) or worker.failed:
         raise SystemExit(f"FAIL: worker exited {code}, done {worker.done}, failed {worker.failed}")
-    check_outputs(setup, bucket, objects, names, task_queue.output_name, dataset.xor_tiled)
+    check_outputs(setup, job, objects, names, dataset.xor_tiled)
     shutil.rmtree(settings.workdir, ignore_errors=True)
     return {
         "total": total,
         "runner": runner.seconds,
         "stage_input": stage["seconds"],
+        "tail": ended - runner.last_end,
         "requests": dict(meter.requests),
         "op_seconds": dict(meter.seconds),
         "op_calls": dict(meter.calls),
@@ -193,17 +215,37 @@ def _download(client, bucket: str, key: str, path: Path) -> None:
             out.write(chunk)
 
 
-def _bare_docker_run(docker_client, image: str, task_dir: Path, name: str, output: str) -> None:
-    """``docker run --rm --network none -v DIR:/data IMAGE ...`` with DockerRunner's SDK calls."""
+def task_dirs(cicc_worker, tmp: Path, prefix: str):
+    """A task's input, shared and output directories, as the worker lays them out (output writable by any user)."""
+    task_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp))
+    dirs = cicc_worker.TaskDirs(task_dir / "input", task_dir / "shared", task_dir / "output")
+    for path in (dirs.input, dirs.shared, dirs.output):
+        path.mkdir()
+    os.chmod(dirs.output, 0o777)  # noqa: S103 - as the worker does: the container may run as any user
+    return task_dir, dirs
+
+
+def _bare_docker_run(docker_client, jobs, image: str, job, name: str, dirs) -> None:
+    """``docker run --rm --network none -v INPUT:/cicc/input:ro -v SHARED:/cicc/shared:ro
+    -v OUTPUT:/cicc/output IMAGE <job.argv(name)>`` with DockerRunner's SDK calls and limits
+    (``jobs``: the job module, whose container paths the worker mounts)."""
+    volumes = {
+        str(dirs.input): {"bind": jobs.CONTAINER_INPUT_DIR, "mode": "ro"},
+        str(dirs.shared): {"bind": jobs.CONTAINER_SHARED_DIR, "mode": "ro"},
+        str(dirs.output): {"bind": jobs.CONTAINER_OUTPUT_DIR, "mode": "rw"},
+    }
     container = docker_client.containers.run(
         image,
-        ["--input", name, "--kernel", "kernel.dat", "--output", output],
-        volumes={str(task_dir): {"bind": "/data", "mode": "rw"}},
+        job.argv(name),
+        environment=job.environment(name),
+        volumes=volumes,
         network_mode="none",
+        nano_cpus=int(job.cpus * 1e9),
+        mem_limit=f"{job.memory_mib}m",
         detach=True,
     )
     try:
-        code = container.wait(timeout=900)["StatusCode"]
+        code = container.wait(timeout=job.timeout_seconds)["StatusCode"]
         logs = container.logs(stdout=True, stderr=True).decode("utf-8", "replace").strip()
     finally:
         container.remove(force=True)
@@ -214,9 +256,11 @@ def _bare_docker_run(docker_client, image: str, task_dir: Path, name: str, outpu
 def run_baseline(mods, endpoint: str, objects, names, image: str, tmp: Path) -> dict:
     import docker
 
-    task_queue, dataset = mods[0], mods[1]
+    dataset, cicc_worker = mods
     setup = new_client(endpoint)
     bucket = fill_bucket(setup, objects)
+    job = xor_job(cicc_worker.jobs, bucket, image_name=image)
+    kernel = job.shared[0]
     client = new_client(endpoint)
     meter = S3Meter(client)
     meter.reset()
@@ -224,37 +268,38 @@ def run_baseline(mods, endpoint: str, objects, names, image: str, tmp: Path) -> 
     phases = collections.Counter()
     started = time.perf_counter()
     for name in names:
-        output = task_queue.output_name(name)
+        output = job.output_name(name)
         t0 = time.perf_counter()
-        task_dir = Path(tempfile.mkdtemp(prefix="task-", dir=tmp))
-        _download(client, bucket, name, task_dir / name)
-        _download(client, bucket, "kernel.dat", task_dir / "kernel.dat")
+        task_dir, dirs = task_dirs(cicc_worker, tmp, "task-")
+        _download(client, bucket, job.input_key(name), dirs.input / name)
+        _download(client, bucket, job.shared_key(kernel), dirs.shared / kernel)
         t1 = time.perf_counter()
-        _bare_docker_run(docker_client, image, task_dir, name, output)
+        _bare_docker_run(docker_client, cicc_worker.jobs, image, job, name, dirs)
         t2 = time.perf_counter()
-        with open(task_dir / output, "rb") as body:
-            client.put_object(Bucket=bucket, Key=output, Body=body)
+        with open(dirs.output / output, "rb") as body:
+            client.put_object(Bucket=bucket, Key=output_key(job, name), Body=body)
         shutil.rmtree(task_dir, ignore_errors=True)
         t3 = time.perf_counter()
         phases["download"] += t1 - t0
         phases["runner"] += t2 - t1
         phases["upload"] += t3 - t2
     total = time.perf_counter() - started
-    check_outputs(setup, bucket, objects, names, task_queue.output_name, dataset.xor_tiled)
+    check_outputs(setup, job, objects, names, dataset.xor_tiled)
     docker_client.close()
     return {"total": total, **phases, "requests": dict(meter.requests)}
 
 
-def warm_up(image: str, tmp: Path, objects: dict[str, bytes], name: str) -> float:
+def warm_up(cicc_worker, image: str, tmp: Path, objects: dict[str, bytes], name: str) -> float:
     """One untimed container run, so neither method pays for the first start of the image."""
     import docker
 
-    task_dir = Path(tempfile.mkdtemp(prefix="warm-", dir=tmp))
-    (task_dir / name).write_bytes(objects[name])
-    (task_dir / "kernel.dat").write_bytes(objects["kernel.dat"])
+    job = xor_job(cicc_worker.jobs, "cicc-bench-warm-up", image_name=image)
+    task_dir, dirs = task_dirs(cicc_worker, tmp, "warm-")
+    (dirs.input / name).write_bytes(objects[name])
+    (dirs.shared / job.shared[0]).write_bytes(objects["kernel.dat"])
     client = docker.from_env()
     started = time.perf_counter()
-    _bare_docker_run(client, image, task_dir, name, "warm.out")
+    _bare_docker_run(client, cicc_worker.jobs, image, job, name, dirs)
     seconds = time.perf_counter() - started
     client.close()
     shutil.rmtree(task_dir, ignore_errors=True)
@@ -329,6 +374,12 @@ def report(worker_runs: list[dict], base_runs: list[dict], tasks: int) -> bool:
     print("where the time goes, ms per task (median over repeats)")
     print(f"  worker   : in runner (container) {_ms(w_runner)} | outside the runner    {_ms(w_outside)}")
     print(f"             outside, of which staging the input (GetObject + body) {_ms(w_stage)}")
+    print("               (staging overlaps the previous task's container when the worker prefetches)")
+    tail = statistics.median(run["tail"] for run in worker_runs)
+    print(
+        f"             after the last container, until run() returns: {tail * 1000:.0f} ms per run "
+        f"({_ms(tail / tasks)} per task)"
+    )
     print(f"  baseline : in container          {_ms(b_runner)} | outside the container {_ms(b_outside)}")
     print(f"             outside: download input + kernel {_ms(b_download)}, upload output {_ms(b_upload)}")
     print(f"  worker - baseline: container {_ms(w_runner - b_runner)} | outside {_ms(w_outside - b_outside)}")
@@ -371,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         docker.from_env().images.get(args.image)
     except docker.errors.ImageNotFound:
         raise SystemExit(f"image {args.image} is absent: build it with scripts/process-image.sh") from None
-    objects = mods[1].build_dataset(inputs=args.tasks, input_size=args.size, done=0)
-    names = mods[1].task_names(args.tasks, 0)[0]
+    objects = mods[0].build_dataset(inputs=args.tasks, input_size=args.size, done=0)
+    names = mods[0].task_names(args.tasks, 0)[0]
 
     print(
         f"worker vs bare docker run: {args.tasks} tasks of {args.size} bytes, image {args.image}, {args.repeats} repeats"
@@ -389,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"S3 endpoint {endpoint}{' (own moto_server)' if own else ''}")
         with tempfile.TemporaryDirectory(prefix="cicc-bench-worker-") as tmp_name:
             tmp = Path(tmp_name)
-            print(f"warm-up container run (untimed in results): {warm_up(args.image, tmp, objects, names[0]):.2f} s")
+            warm = warm_up(mods[1], args.image, tmp, objects, names[0])
+            print(f"warm-up container run (untimed in results): {warm:.2f} s")
             for repeat in range(args.repeats):
                 order = ("worker", "baseline") if repeat % 2 == 0 else ("baseline", "worker")
                 for method in order:

@@ -1,4 +1,4 @@
-"""What the benchmarks share: the collection on sys.path, loading a file as a module, an emulator of their own."""
+"""What the benchmarks share: the collection on sys.path, loading a file as a module, the XOR job, an emulator of their own."""
 
 from __future__ import annotations
 
@@ -45,6 +45,20 @@ def load_by_path(name: str, path: Path) -> types.ModuleType:
 def load_worker(path: Path | None = None) -> types.ModuleType:
     """worker/cicc_worker.py (or a copy of it), imported as an instance runs it."""
     return load_by_path("cicc_worker_bench", path or ROOT / "worker" / "cicc_worker.py")
+
+
+def xor_job(jobs: types.ModuleType, bucket: str, prefix: str = "", **changes):
+    """The clinic's XOR job (jobs/xor.yml) on ``bucket``, without its data set, validated by ``jobs``
+    (plugins/module_utils/job.py, or the copy a worker under test imports); ``changes`` replace
+    top-level fields, and ``image_name`` the image's name (as tests/conftest.py's xor_job)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "jobs" / "xor.yml").read_text())["cicc_job"]
+    data.update(bucket=bucket, prefix=prefix, dataset=None)
+    if "image_name" in changes:
+        data["image"] = {**data["image"], "name": changes.pop("image_name")}
+    data.update(changes)
+    return jobs.load(data)
 
 
 def _free_port() -> int:
@@ -109,7 +123,9 @@ class LocalProject:
             ANSIBLE_NOCOLOR="1",
             ANSIBLE_DEPRECATION_WARNINGS="0",
         )
-        session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+        session = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+        )
         self.s3 = session.client("s3", endpoint_url=endpoint)
         self.ec2 = session.client("ec2", endpoint_url=endpoint)
         self.docker = docker.from_env()
@@ -133,7 +149,9 @@ class LocalProject:
 
     def instances(self, **tags: str) -> set[str]:
         """Ids of the project's instances (in any state) carrying these tags too."""
-        filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in {"project": self.project, **tags}.items()]
+        filters = [
+            {"Name": f"tag:{key}", "Values": [value]} for key, value in {"project": self.project, **tags}.items()
+        ]
         reservations = self.ec2.describe_instances(Filters=filters)["Reservations"]
         return {instance["InstanceId"] for reservation in reservations for instance in reservation["Instances"]}
 

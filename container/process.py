@@ -1,27 +1,37 @@
 """Processing step of the cicc.cloud pipeline: output = input XOR kernel.
 
-Usage (inside the processing container, the data directory is bind-mounted at /data)::
+Usage, in a job's container (the task's input at /cicc/input, the shared files at /cicc/shared,
+an empty /cicc/output whose contents are published)::
+
+    process.py --data /cicc/input --input in3.dat --kernel-dir /cicc/shared --kernel kernel.dat \\
+        --output-dir /cicc/output --output out3.dat
+
+``--kernel-dir`` and ``--output-dir`` default to ``--data``, so with one directory for all three
+(the boot worker's staged task, bind-mounted at /data)::
 
     process.py --data /data --input in3.dat --kernel kernel.dat --output out3.dat
 
-The three names are plain file names inside the data directory; a name that is empty, is ``.``,
-contains ``/``, ``\\``, ``..``, NUL or another control character (C0, DEL, C1), or is longer than
-200 bytes is refused as a usage error, so no name can reach a file outside the data directory.
-The output name must differ from the input and kernel names.
+The three names are plain file names inside their directories (input in the data directory, kernel
+in the kernel directory, output in the output directory); a name that is empty, is ``.``, contains
+``/``, ``\\``, ``..``, NUL or another control character (C0, DEL, C1), or is longer than 200 bytes
+is refused as a usage error, so no name can reach a file outside its directory. Each directory must
+exist. The output must not be the input or the kernel: the same name is refused only where it would
+be the same path (the output directory is the input's or the kernel's).
 
 Tiling rule: the kernel is repeated along the input and its last repetition is truncated, i.e.
 ``output[i] = input[i] ^ kernel[i % len(kernel)]``. So an input whose length is not a multiple of
 the kernel length is still processed, a kernel longer than the input is truncated to it, and an
 empty input gives an empty output (success). An empty kernel is an error.
 
-The output is written atomically: a hidden temp file in the data directory, fsync, then
+The output is written atomically: a hidden temp file in the output directory, fsync, then
 ``os.replace`` onto the output name, so a partial output is never visible. On any failure the
 temp file is removed, no output is created and an existing output is left as it was; an existing
 output is replaced only by a complete new one. Only a SIGKILL can leave a ``.NAME.*.tmp`` file
-behind (never under the output name).
+behind (never under the output name). Nothing is written in the data or kernel directory
+unless it is also the output directory.
 
 Exit codes (one stdout line ``SUCCESS ...`` on success, one stderr line otherwise):
-0 success, 2 usage or bad name, 3 input missing, 4 kernel missing, 5 kernel empty,
+0 success, 2 usage, bad name or a directory missing, 3 input missing, 4 kernel missing, 5 kernel empty,
 6 input or kernel unreadable (permission, I/O error, directory, changed while read, no memory),
 7 output cannot be written, 143 stopped by SIGTERM (``docker stop``) before completing.
 """
@@ -110,11 +120,11 @@ def xor_with_kernel(data: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return data
 
 
-def _open_for_read(path: str, role: str, missing_code: int) -> BinaryIO:
+def _open_for_read(path: str, role: str, missing_code: int, where: str = "data directory") -> BinaryIO:
     try:
         handle = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
     except FileNotFoundError:
-        message = f"{role} {path} does not exist: stage it in the data directory first"
+        message = f"{role} {path} does not exist: stage it in the {where} first"
         raise ProcessError(missing_code, message) from None
     except IsADirectoryError:
         raise ProcessError(EXIT_UNREADABLE, f"{role} {path} is a directory, not a file") from None
@@ -200,24 +210,47 @@ def _fsync_directory(directory: str) -> None:
         os.close(dir_fd)
 
 
-def run(data_dir: str, input_name: str, kernel_name: str, output_name: str) -> int:
-    """Process one input; return the number of bytes written. Raises ProcessError."""
-    if not os.path.isdir(data_dir):
-        raise ProcessError(EXIT_USAGE, f"usage error: data directory {data_dir} does not exist or is not a directory")
-    if output_name in (input_name, kernel_name):
-        raise ProcessError(EXIT_USAGE, f"usage error: output {output_name} must differ from the input and the kernel")
+def _same_path(dir_a: str, name_a: str, dir_b: str, name_b: str) -> bool:
+    """Whether two names in two directories are one path (``/d``, ``/d/`` and a link to ``/d`` are one)."""
+    return name_a == name_b and os.path.realpath(dir_a) == os.path.realpath(dir_b)
+
+
+def run(
+    data_dir: str,
+    input_name: str,
+    kernel_name: str,
+    output_name: str,
+    kernel_dir: str | None = None,
+    output_dir: str | None = None,
+) -> int:
+    """Process one input; return the number of bytes written. Raises ProcessError.
+
+    The input is read from ``data_dir``, the kernel from ``kernel_dir`` and the output written to
+    ``output_dir``; both default to ``data_dir``."""
+    kernel_dir = data_dir if kernel_dir is None else kernel_dir
+    output_dir = data_dir if output_dir is None else output_dir
+    for role, directory in (("data", data_dir), ("kernel", kernel_dir), ("output", output_dir)):
+        if not os.path.isdir(directory):
+            message = f"usage error: {role} directory {directory} does not exist or is not a directory"
+            raise ProcessError(EXIT_USAGE, message)
+    if _same_path(output_dir, output_name, data_dir, input_name) or _same_path(
+        output_dir, output_name, kernel_dir, kernel_name
+    ):
+        target = os.path.join(output_dir, output_name)
+        raise ProcessError(EXIT_USAGE, f"usage error: output {target} must differ from the input and the kernel")
     input_path = os.path.join(data_dir, input_name)
-    kernel_path = os.path.join(data_dir, kernel_name)
+    kernel_path = os.path.join(kernel_dir, kernel_name)
+    kernel_where = "data directory" if kernel_dir == data_dir else "kernel directory"
     # The input is opened first so a missing input is reported as such, but read after the
     # small kernel is checked, so a bad kernel never costs a full read of the input.
     with _open_for_read(input_path, "input", EXIT_NO_INPUT) as input_handle:
-        with _open_for_read(kernel_path, "kernel", EXIT_NO_KERNEL) as kernel_handle:
+        with _open_for_read(kernel_path, "kernel", EXIT_NO_KERNEL, kernel_where) as kernel_handle:
             kernel = _read_all(kernel_handle, kernel_path, "kernel")
         if kernel.size == 0:
             raise ProcessError(EXIT_EMPTY_KERNEL, f"kernel {kernel_path} is empty: it needs at least one byte")
         data = _read_all(input_handle, input_path, "input")
     xor_with_kernel(data, kernel)
-    _write_atomically(data, data_dir, output_name)
+    _write_atomically(data, output_dir, output_name)
     return int(data.size)
 
 
@@ -229,13 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Write OUTPUT = INPUT XOR KERNEL (kernel tiled along the input, last repetition truncated).",
-        epilog="Exit codes: 0 success, 2 usage/bad name, 3 input missing, 4 kernel missing, 5 kernel empty, "
-        "6 input or kernel unreadable, 7 output cannot be written, 143 stopped by SIGTERM.",
+        epilog="Example (a job's container): --data /cicc/input --input in3.dat --kernel-dir /cicc/shared "
+        "--kernel kernel.dat --output-dir /cicc/output --output out3.dat. "
+        "Exit codes: 0 success, 2 usage/bad name/directory missing, 3 input missing, 4 kernel missing, "
+        "5 kernel empty, 6 input or kernel unreadable, 7 output cannot be written, 143 stopped by SIGTERM.",
     )
-    parser.add_argument("--data", required=True, help="directory holding the input and kernel; receives the output")
+    data_help = "directory holding the input; also the default of --kernel-dir and --output-dir"
+    parser.add_argument("--data", required=True, metavar="DIR", help=data_help)
     parser.add_argument("--input", required=True, type=plain_name, help="input file name inside the data directory")
-    parser.add_argument("--kernel", required=True, type=plain_name, help="kernel file name inside the data directory")
-    parser.add_argument("--output", required=True, type=plain_name, help="output file name inside the data directory")
+    parser.add_argument("--kernel-dir", metavar="DIR", help="directory holding the kernel (default: --data)")
+    parser.add_argument("--kernel", required=True, type=plain_name, help="kernel file name inside the kernel directory")
+    parser.add_argument("--output-dir", metavar="DIR", help="directory that receives the output (default: --data)")
+    parser.add_argument("--output", required=True, type=plain_name, help="output file name inside the output directory")
     return parser
 
 
@@ -245,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
-        size = run(args.data, args.input, args.kernel, args.output)
+        size = run(args.data, args.input, args.kernel, args.output, args.kernel_dir, args.output_dir)
     except ProcessError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.code

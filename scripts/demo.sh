@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The pipeline on the local cloud: the seed's data set in a bucket on the emulator, three workers
-# claiming its seven tasks and running the processing container on each, then the queue's state
+# The pipeline on the local cloud: the seed's data set and the XOR job in a bucket on the emulator, three workers
+# running the job - claiming its seven tasks and running the processing container on each, then the queue's state
 # and a check of every output. Each run uses a fresh prefix, so it can be run again and again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +14,11 @@ workers=${CICC_DEMO_WORKERS:-3}
 settings=(-e "cicc_emulator_port=$port" -e "cicc_bucket=$bucket" -e "cicc_prefix=$prefix")
 
 ansible-playbook playbooks/dataset.yml "${settings[@]}"
+ansible-playbook playbooks/job.yml "${settings[@]}"
 echo "==> Starting $workers workers on s3://$bucket/$prefix"
 pids=()
 for i in $(seq 1 "$workers"); do
-  python worker/cicc_worker.py --bucket "$bucket" --prefix "$prefix" --endpoint-url "$AWS_ENDPOINT_URL" \
+  python worker/cicc_worker.py --job "s3://$bucket/${prefix}job.json" --endpoint-url "$AWS_ENDPOINT_URL" \
     --instance-id "local-worker-$i" --workdir /var/lib/cicc/demo 2>&1 | sed "s/^/[worker-$i] /" &
   pids+=($!)
 done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this machine for cicc.cloud: system packages, a running Docker Engine, the virtualenv,
-# the collection link, the local base image and the processing image. Safe to run twice.
+# the collection link, the local base image and the example jobs' images (processing, then summary).
+# Safe to run twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -32,4 +33,5 @@ ln -sfn "$root" .collections/ansible_collections/cicc/cloud
 
 scripts/base-image.sh
 scripts/process-image.sh
+scripts/process-image.sh container/summary "${CICC_SUMMARY_IMAGE:-cicc-summary:latest}"
 log "Setup complete"

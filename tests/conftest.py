@@ -129,6 +129,21 @@ def process_module():
     return _load_by_path("cicc_process", ROOT / "container" / "process.py")
 
 
+def xor_job(bucket: str, prefix: str = "", **changes):
+    """The clinic's XOR job (jobs/xor.yml) on ``bucket``, without its data set; ``changes`` replace
+    top-level fields, and ``attempts``/``timeout_seconds`` the retry and time limits."""
+    import yaml
+
+    from ansible_collections.cicc.cloud.plugins.module_utils import job
+
+    data = yaml.safe_load((ROOT / "jobs" / "xor.yml").read_text())["cicc_job"]
+    data.update(bucket=bucket, prefix=prefix, dataset=None)
+    if "attempts" in changes:
+        data["retry"] = {**data["retry"], "attempts": changes.pop("attempts")}
+    data.update(changes)
+    return job.load(data)
+
+
 @pytest.fixture
 def inline_runner(process_module, worker_module):
     """The light processing step: process.py's own XOR, run in this process instead of a container."""
@@ -138,25 +153,35 @@ def inline_runner(process_module, worker_module):
         def __init__(self) -> None:
             self.runs: list[str] = []
 
-        def run(self, task_dir: Path, name: str, kernel: str, output: str, timeout: float) -> str:
-            self.runs.append(name)
-            data = np.fromfile(task_dir / name, dtype=np.uint8)
-            process_module.xor_with_kernel(data, np.fromfile(task_dir / kernel, dtype=np.uint8))
-            data.tofile(task_dir / output)
-            return f"SUCCESS {name} -> {output}"
+        def prepare(self, job, fetch) -> str:
+            return ""
+
+        def run(self, job, task: str, dirs, image_id: str):
+            self.runs.append(task)
+            data = np.fromfile(dirs.input / task, dtype=np.uint8)
+            process_module.xor_with_kernel(data, np.fromfile(dirs.shared / job.shared[0], dtype=np.uint8))
+            data.tofile(dirs.output / job.output_name(task))
+            return worker_module.RunResult(0, f"SUCCESS {task}")
+
+        def cancel(self) -> None:
+            pass
 
     return InlineRunner()
 
 
 @pytest.fixture
 def make_worker(emulator, bucket, tmp_path, worker_module):
-    """Build a worker on the test bucket with its own S3 client and work directory."""
+    """Build a worker of the XOR job on the test bucket with its own S3 client and work directory;
+    ``job`` gives another job, ``attempts``/``timeout_seconds`` change the XOR job's."""
 
-    def make(runner, owner: str = "w1", spot_watch: bool = False, **settings):
-        options = {"bucket": bucket, "workdir": str(tmp_path), "lease_seconds": 30, "endpoint_url": emulator}
+    def make(runner, owner: str = "w1", spot_watch: bool = False, job=None, **settings):
+        job = job or xor_job(
+            bucket, **{key: settings.pop(key) for key in ("attempts", "timeout_seconds") if key in settings}
+        )
+        options = {"workdir": str(tmp_path), "lease_seconds": 30, "endpoint_url": emulator}
         worker_settings = worker_module.Settings(**{**options, **settings})
         client = worker_module.s3_client(worker_settings)
         watch = worker_module.SpotWatch(worker_settings, runner) if spot_watch else None
-        return worker_module.Worker(worker_settings, client, runner, owner=owner, spot_watch=watch)
+        return worker_module.Worker(worker_settings, client, job, runner, owner=owner, spot_watch=watch)
 
     return make

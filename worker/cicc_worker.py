@@ -3,25 +3,32 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """cicc-worker: the boot worker of a cicc.cloud instance.
 
-At boot (systemd unit) or by hand, it loops: claim a task from the S3 queue, stage the input and
-the kernel to local block storage, run the processing container on them with a bind mount,
-upload the output, complete the task, let its lock go; until no task is left. It heartbeats
-while a task runs; a failed task is recorded and the worker moves on. At the end it folds the
-journal into the lists, uploads its log (logs/<instance>/log.txt) and runs its exit action:
-terminate its own instance through the EC2 API, with OS shutdown as the fallback.
+At boot (systemd unit) or by hand, it runs a *job* (plugins/module_utils/job.py): any container over
+the job's inputs in S3. The machine carries no job; the instance's user data names the job file in
+the bucket ({"job": "s3://BUCKET/PREFIX/job.json"}), read and validated at boot, so one AMI serves
+every job. A bad job is refused with a clear log line before anything is claimed.
 
-Settings come from a JSON file (--config, written by the worker role) and flags; the instance
-id from IMDSv2 on EC2, or from the identity file on the local cloud. The instance's user data
-may carry job parameters as a JSON object (JOB_SETTINGS: how many tasks to take, the spectator
-pause), so one AMI serves every way of running the fleet. Credentials come from the instance
-profile through boto3's usual chain: never from this file.
+Then it prepares the job's image (baked into the AMI, loaded from a `docker save` archive in the
+bucket and checked by its ID, or pulled from a registry), stages the job's shared files once, and
+runs as many slots as the machine's vCPUs and memory allow for the job's CPUs and memory per task.
+Each slot loops: claim a task from the S3 queue, stage its input to block storage, run the job's
+container on it (input and shared files read-only, an empty output directory), publish every file
+the container wrote, then the task's manifest (which marks it done), let its lock go; until no task
+is left. It heartbeats while a task runs; the job's exit-code rules decide whether a failed run is
+retried or fails the task at once. At the end it folds the journal into the lists, uploads its log
+(<prefix>logs/<instance>/log.txt) and runs its exit action: terminate its own instance through the
+EC2 API, with OS shutdown as the fallback.
 
-On a spot interruption notice it stops claiming, gives back the task in progress (the attempt
-does not count) and exits within the notice.
+Machine settings come from a JSON file (--config, written by the worker role) and flags; the
+instance id from IMDSv2 on EC2, or from the identity file on the local cloud. Credentials come from
+the instance profile through boto3's usual chain: never from a file or the user data.
+
+On a spot interruption notice it stops claiming, gives back the tasks in progress (the attempt does
+not count) and exits within the notice.
 
 Exit codes: 0 queue drained (or the task limit reached, or a spot interruption), 1 unexpected
-error, 2 bad settings or the queue cannot be worked (for example the kernel is missing: no task
-is claimed, so nothing is lost).
+error, 2 bad settings, a bad job, or a queue that cannot be worked (a shared file or the image is
+missing: no task is claimed, so nothing is lost).
 """
 
 from __future__ import annotations
@@ -44,39 +51,46 @@ import boto3
 from botocore.config import Config
 
 try:
+    from ansible_collections.cicc.cloud.plugins.module_utils import job as jobs
     from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
-except ImportError:  # on an instance the worker role installs task_queue.py beside this file
+except ImportError:  # on an instance the worker role installs job.py and task_queue.py beside this file
+    import job as jobs  # type: ignore[no-redef]
     import task_queue  # type: ignore[no-redef]
 
 LOG = logging.getLogger("cicc-worker")
 EXIT_DRAINED, EXIT_ERROR, EXIT_UNWORKABLE = 0, 1, 2
 IMDS = "http://169.254.169.254/latest"
-# What an instance's user data may set: the job, never where the queue is or how to reach it.
-JOB_SETTINGS = ("max_tasks", "spectator_pause")
+# What an instance's user data may set: which job to run and how much of it, never a credential.
+USER_DATA_SETTINGS = ("job", "max_tasks", "slots", "spectator_pause")
 
 
 class TaskError(Exception):
-    """The processing of one task failed; the message is recorded as the attempt's reason."""
+    """One run of a task failed; the message is recorded as the attempt's reason."""
+
+
+class Unworkable(Exception):
+    """The job cannot be worked on this machine (bad job, missing image or shared file): claim nothing."""
 
 
 @dataclass
 class Settings:
-    bucket: str = ""
-    prefix: str = ""
+    """The machine's settings: how to reach S3 and where to work. The job is not among them."""
+
     region: str = "us-east-1"
     endpoint_url: str = ""
     instance_id: str = ""
     # On the local cloud each instance's container gets this file in place of IMDS.
     identity_file: str = "/etc/cicc/identity.json"
     workdir: str = "/var/lib/cicc/work"
-    image: str = "cicc-process:latest"
+    # The job file: s3://BUCKET/KEY (what user data names), or a local JSON file for a run by hand.
+    job: str = ""
     lease_seconds: int = 120
-    max_attempts: int = 3
-    task_timeout: int = 900
     compact_every: int = 20
     spectator_pause: int = 0
     # Tasks to take before stopping; 0: until the queue is drained. 1 is the seed's one task per boot.
     max_tasks: int = 0
+    # Tasks run at once; 0: as many as the vCPUs and memory allow for the job's cpus and memory_mib.
+    slots: int = 0
     # The instance metadata service, asked every spot_poll_seconds for a spot interruption notice.
     metadata_url: str = IMDS
     spot_poll_seconds: int = 5
@@ -90,126 +104,287 @@ class Settings:
             raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
         data.update({key: value for key, value in overrides.items() if value is not None})
         settings = cls(**data)
-        if not settings.bucket:
-            raise ValueError("no bucket: set 'bucket' in the settings file or pass --bucket")
         if settings.exit_action not in ("none", "terminate"):
             raise ValueError(f"exit_action must be none or terminate, not {settings.exit_action!r}")
         return settings
 
-    def apply_job(self, user_data: str) -> list[str]:
-        """Take the job parameters from an instance's user data; returns what was ignored and why."""
+    def apply_user_data(self, user_data: str) -> list[tuple[int, str]]:
+        """Take the job and its limits from an instance's user data; returns (log level, note) pairs
+        saying what was applied and what was ignored, and why."""
         if not user_data.strip():
             return []
         try:
-            job = json.loads(user_data)
+            given = json.loads(user_data)
         except ValueError:
-            job = None
-        if not isinstance(job, dict):
-            return ["user data is not a JSON object of job parameters: ignored"]
+            given = None
+        if not isinstance(given, dict):
+            return [(logging.WARNING, "user data is not a JSON object naming a job: ignored")]
         notes = []
-        for key, value in job.items():
-            if key not in JOB_SETTINGS:
-                notes.append(f"user data sets {key!r}, which is not a job parameter ({', '.join(JOB_SETTINGS)}): ignored")
-            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                notes.append(f"user data sets {key} to {value!r}, not a whole number of 0 or more: ignored")
+        for key, value in given.items():
+            if key not in USER_DATA_SETTINGS:
+                known = ", ".join(USER_DATA_SETTINGS)
+                notes.append((logging.WARNING, f"user data sets {key!r}, which it may not ({known}): ignored"))
+            elif key == "job" and not (isinstance(value, str) and value.startswith("s3://")):
+                notes.append((logging.WARNING, f"user data sets job to {value!r}, not an s3://BUCKET/KEY: ignored"))
+            elif key != "job" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                notes.append(
+                    (logging.WARNING, f"user data sets {key} to {value!r}, not a whole number of 0 or more: ignored")
+                )
             else:
                 setattr(self, key, value)
-                notes.append(f"user data sets {key} to {value}")
+                notes.append((logging.INFO, f"user data sets {key} to {value}"))
         return notes
-
-    def queue(self) -> task_queue.Queue:
-        return task_queue.Queue(self.bucket, self.prefix, self.lease_seconds, self.max_attempts)
 
 
 def s3_client(settings: Settings, session=None):
     """The worker's S3 client: S3 answers 500/503 now and then under load; retry those patiently
-    rather than give up a claimed task."""
+    rather than give up a claimed task. Its pool serves every slot."""
     session = session or boto3.session.Session()
-    config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=4)
+    config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=16)
     return session.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url or None, config=config)
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """("bucket", "key") of s3://bucket/key."""
+    bucket, dummy, key = url[len("s3://") :].partition("/")
+    if not url.startswith("s3://") or not bucket or not key:
+        raise Unworkable(f"the job {url!r} is not an s3://BUCKET/KEY address")
+    return bucket, key
+
+
+def read_job(client, location: str) -> jobs.Job:
+    """The job named by ``location`` (s3://BUCKET/KEY or a local JSON file), validated.
+    Raises Unworkable with every problem the job has."""
+    if location.startswith("s3://"):
+        bucket, key = split_s3_url(location)
+        try:
+            raw = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as error:  # noqa: BLE001 - missing, denied or unreachable: all unworkable
+            raise Unworkable(f"the job {location} cannot be read: {error}") from error
+    else:
+        try:
+            raw = Path(location).read_bytes()
+        except OSError as error:
+            raise Unworkable(f"the job file {location} cannot be read: {error}") from error
+    try:
+        data = json.loads(raw)
+    except ValueError as error:
+        raise Unworkable(f"the job {location} is not JSON: {error}") from error
+    try:
+        return jobs.load(data)
+    except jobs.JobError as error:
+        raise Unworkable(f"the job {location} is refused: {error}") from error
+
+
+def machine_slots(job: jobs.Job, limit: int = 0) -> int:
+    """How many tasks of ``job`` this machine runs at once: its vCPUs over the job's cpus and its
+    memory over the job's memory_mib (the smaller), at least 1, at most ``limit`` when given."""
+    vcpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    slots = max(1, min(int(vcpus // job.cpus), int(memory_mib // job.memory_mib)))
+    return min(slots, limit) if limit else slots
 
 
 # --- processing -----------------------------------------------------------------------------------
 
 
-class DockerRunner:
-    """Runs the processing image on a staged task directory, bind-mounted at /data."""
+@dataclass(frozen=True)
+class TaskDirs:
+    """A task's directories on this machine, mounted in its container at the job's fixed paths."""
 
-    def __init__(self, image: str) -> None:
+    input: Path
+    shared: Path
+    output: Path
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int
+    report: str  # the last line the command printed
+
+
+@dataclass
+class Claimed:
+    """A task claimed and staged, its lease renewed by ``heartbeat``: ready for its container."""
+
+    lease: task_queue.Lease
+    task_dir: Path
+    heartbeat: Heartbeat
+    staged: dict
+    claimed_at: float
+    staged_at: float
+
+
+class Prefetch(threading.Thread):
+    """Runs ``take(*args)`` beside the caller; ``result()`` waits for it and returns (or raises) what it did."""
+
+    def __init__(self, take, *args) -> None:
+        super().__init__(daemon=True, name=f"{threading.current_thread().name}-prefetch")
+        self._take, self._args = take, args
+        self._result = self._error = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._result = self._take(*self._args)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller by result()
+            self._error = error
+
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class DockerRunner:
+    """Runs the job's image on a staged task: input and shared files read-only, the output writable."""
+
+    def __init__(self) -> None:
         import docker  # the docker SDK: only needed where containers run
 
-        self.image = image
         self.client = docker.from_env()
-        self._container = None
+        self._running: dict[int, object] = {}
+        self._lock = threading.Lock()
 
-    def run(self, task_dir: Path, name: str, kernel: str, output: str, timeout: float) -> str:
+    def prepare(self, job: jobs.Job, fetch) -> str:
+        """Make the job's image available; returns its ID. ``fetch(key, path)`` downloads an object of
+        the job's bucket (the archive). Raises Unworkable when the image cannot be had."""
+        import docker.errors
+
+        try:
+            if job.image_source == "archive":
+                image = self._load_archive(job, fetch)
+            elif job.image_source == "registry":
+                image = self.client.images.pull(job.image_name, auth_config=registry_auth(job))
+            else:
+                image = self.client.images.get(job.image_name)
+        except docker.errors.ImageNotFound as error:
+            raise Unworkable(
+                f"image {job.image_name} is not on this machine: bake it into the AMI (image.source baked, "
+                "cicc_baked_images) or deliver it from the bucket (image.source archive)"
+            ) from error
+        except docker.errors.DockerException as error:
+            raise Unworkable(f"image {job.image_name} could not be prepared: {error}") from error
+        if job.image_digest and image.id != job.image_digest:
+            raise Unworkable(f"image {job.image_name} is {image.id}, not the {job.image_digest} the job asks for")
+        return image.id
+
+    def _load_archive(self, job: jobs.Job, fetch):
+        archive = Path(fetch(job.image_archive_key))
+        try:
+            with archive.open("rb") as data:
+                loaded = self.client.images.load(data)
+        finally:
+            archive.unlink(missing_ok=True)
+        if len(loaded) != 1:
+            raise Unworkable(f"s3://{job.bucket}/{job.image_archive_key} holds {len(loaded)} images, not one")
+        image = loaded[0]
+        if job.image_name not in image.tags:
+            # The name the job runs it by: repository and tag (the tag after the last ":" of the last segment).
+            repository, tag = job.image_name, "latest"
+            if ":" in job.image_name.rsplit("/", 1)[-1]:
+                repository, tag = job.image_name.rsplit(":", 1)
+            image.tag(repository, tag)
+        return image
+
+    def run(self, job: jobs.Job, task: str, dirs: TaskDirs, image_id: str) -> RunResult:
         from requests.exceptions import ConnectionError as RequestsConnectionError, ReadTimeout
 
-        self._container = container = self.client.containers.run(
-            self.image,
-            ["--input", name, "--kernel", kernel, "--output", output],
-            volumes={str(task_dir): {"bind": "/data", "mode": "rw"}},
+        volumes = {
+            str(dirs.input): {"bind": jobs.CONTAINER_INPUT_DIR, "mode": "ro"},
+            str(dirs.shared): {"bind": jobs.CONTAINER_SHARED_DIR, "mode": "ro"},
+            str(dirs.output): {"bind": jobs.CONTAINER_OUTPUT_DIR, "mode": "rw"},
+        }
+        container = self.client.containers.run(
+            image_id,
+            job.argv(task),
+            environment=job.environment(task),
+            volumes=volumes,
             network_mode="none",
-            labels={"cicc.task": name},
+            nano_cpus=int(job.cpus * 1e9),
+            mem_limit=f"{job.memory_mib}m",
+            labels={"cicc.task": task, "cicc.job": job.name},
             detach=True,
         )
+        with self._lock:
+            self._running[threading.get_ident()] = container
         try:
             try:
-                code = container.wait(timeout=timeout)["StatusCode"]
+                code = container.wait(timeout=job.timeout_seconds)["StatusCode"]
             except (ReadTimeout, RequestsConnectionError) as error:
                 container.kill()
-                raise TaskError(f"processing timed out after {timeout:.0f} s") from error
+                raise TaskError(f"timed out after {job.timeout_seconds} s") from error
             report = container.logs(stdout=True, stderr=True).decode("utf-8", "replace").strip()
         finally:
-            self._container = None
+            with self._lock:
+                self._running.pop(threading.get_ident(), None)
             container.remove(force=True)
-        return _check_report(code, report)
+        return RunResult(code, report.splitlines()[-1] if report else "")
 
     def cancel(self) -> None:
-        """Stop the running container, if any: its run then fails without an output."""
-        container = self._container
-        if container is not None:
+        """Stop every running container: their runs then fail without an output."""
+        with self._lock:
+            running = list(self._running.values())
+        for container in running:
             try:
                 container.kill()
             except Exception as error:  # noqa: BLE001 - it may have just ended by itself
-                LOG.info("could not stop the processing container: %s", error)
+                LOG.info("could not stop a processing container: %s", error)
+
+
+def registry_auth(job: jobs.Job) -> dict | None:
+    """Credentials for an ECR registry from the instance profile; None for any other registry."""
+    host = job.image_name.split("/", 1)[0]
+    if ".dkr.ecr." not in host:
+        return None
+    import base64
+
+    region = host.split(".dkr.ecr.", 1)[1].split(".", 1)[0]
+    token = boto3.client("ecr", region_name=region).get_authorization_token()["authorizationData"][0]
+    user, password = base64.b64decode(token["authorizationToken"]).decode().split(":", 1)
+    return {"username": user, "password": password}
 
 
 class ProcessRunner:
-    """Runs process.py as a plain program on the host: the same program, without a container."""
+    """Runs a program on the host in place of the job's image: the job's command, with the
+    container's paths replaced by the task's directories (tests and runs by hand)."""
 
     def __init__(self, program: str) -> None:
         self.program = program
-        self._process: subprocess.Popen | None = None
+        self._processes: dict[int, subprocess.Popen] = {}
 
-    def run(self, task_dir: Path, name: str, kernel: str, output: str, timeout: float) -> str:
-        argv = [sys.executable, self.program, "--data", str(task_dir), "--input", name]
-        argv += ["--kernel", kernel, "--output", output]
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
-            self._process = process
+    def prepare(self, job: jobs.Job, fetch) -> str:
+        return ""
+
+    def run(self, job: jobs.Job, task: str, dirs: TaskDirs, image_id: str) -> RunResult:
+        paths = (
+            (jobs.CONTAINER_INPUT_DIR, str(dirs.input)),
+            (jobs.CONTAINER_SHARED_DIR, str(dirs.shared)),
+            (jobs.CONTAINER_OUTPUT_DIR, str(dirs.output)),
+        )
+
+        def local(value: str) -> str:
+            for inside, outside in paths:
+                value = value.replace(inside, outside)
+            return value
+
+        argv = [sys.executable, self.program] + [local(arg) for arg in job.argv(task)]
+        env = {**os.environ, **{key: local(value) for key, value in job.environment(task).items()}}
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
+            self._processes[threading.get_ident()] = process
             try:
-                report = process.communicate(timeout=timeout)[0]
+                report = process.communicate(timeout=job.timeout_seconds)[0].strip()
             except subprocess.TimeoutExpired as error:
                 process.kill()
-                raise TaskError(f"processing timed out after {timeout:.0f} s") from error
+                raise TaskError(f"timed out after {job.timeout_seconds} s") from error
             finally:
-                self._process = None
-        return _check_report(process.returncode, report.strip())
+                self._processes.pop(threading.get_ident(), None)
+        return RunResult(process.returncode, report.splitlines()[-1] if report else "")
 
     def cancel(self) -> None:
-        """Stop the running program, if any: its run then fails without an output."""
-        process = self._process
-        if process is not None:
+        for process in list(self._processes.values()):
             process.kill()
-
-
-def _check_report(code: int, report: str) -> str:
-    last = report.splitlines()[-1] if report else ""
-    if code != 0:
-        raise TaskError(f"processing exited with code {code}: {last or 'no message'}")
-    if not last.startswith("SUCCESS"):
-        raise TaskError(f"processing exited 0 without a SUCCESS report: {last or 'no output'}")
-    return last
 
 
 # --- the worker -----------------------------------------------------------------------------------
@@ -244,7 +419,7 @@ class Heartbeat(threading.Thread):
 
 class SpotWatch(threading.Thread):
     """Asks the metadata service for a spot interruption notice every few seconds. On a notice it
-    sets ``noticed`` and cancels the running task, so the worker gives it back and stops within the
+    sets ``noticed`` and cancels the running tasks, so the worker gives them back and stops within the
     two minutes AWS gives."""
 
     def __init__(self, settings: Settings, runner) -> None:
@@ -256,7 +431,7 @@ class SpotWatch(threading.Thread):
     def run(self) -> None:
         while not self._halt.wait(self.settings.spot_poll_seconds):
             if spot_interruption(self.settings):
-                LOG.warning("spot interruption notice: no more claims, giving back the task in progress")
+                LOG.warning("spot interruption notice: no more claims, giving back the tasks in progress")
                 self.noticed.set()
                 self.runner.cancel()
                 return
@@ -266,43 +441,63 @@ class SpotWatch(threading.Thread):
 
 
 class Worker:
-    def __init__(self, settings: Settings, client, runner, owner: str = "", spot_watch: SpotWatch | None = None) -> None:
-        self.settings, self.client, self.runner = settings, client, runner
-        self.queue = settings.queue()
+    def __init__(
+        self, settings: Settings, client, job: jobs.Job, runner, owner: str = "", spot_watch: SpotWatch | None = None
+    ) -> None:
+        self.settings, self.client, self.job, self.runner = settings, client, job, runner
+        self.queue = task_queue.Queue(job.bucket, job.prefix, settings.lease_seconds, job.attempts, job.input_prefix)
         self.owner = owner or settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         # Instances of the local cloud share the host's work directory: each worker keeps to its own.
         self.workdir = (Path(settings.workdir) / self.owner).resolve()
+        self.shared_dir = self.workdir / "shared"
         self.done: list[str] = []
         self.failed: list[str] = []
-        # Claims worked on, whatever their outcome: what max_tasks counts.
+        # Claims worked on, whatever their outcome: what max_tasks counts (slots share it).
         self.taken = 0
+        self.slots = 1
+        self.image_id = ""
         self.spot_watch = spot_watch
+        self._lock = threading.Lock()
+        self._rejected: list[tuple[str, str]] = []
+        self._shared: list[dict] = []
+
+    @property
+    def log_key(self) -> str:
+        return f"{self.job.prefix}logs/{self.owner}/log.txt"
 
     def run(self) -> int:
         """Work the queue until it is drained. Returns the exit code."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._spectator_pause()
         try:
-            kernel = self._stage_kernel()
-        except TaskError as error:
+            self._stage_shared()
+            self.image_id = self.runner.prepare(self.job, self._fetch)
+        except (Unworkable, task_queue.BadInput) as error:
             LOG.error("%s; no task claimed", error)
             return EXIT_UNWORKABLE
-        picker = task_queue.TaskPicker(
-            self.client, self.queue, self.owner, self.settings.instance_id, min(5.0, self.settings.lease_seconds / 4)
+        self.slots = machine_slots(self.job, self.settings.slots)
+        LOG.info(
+            "job %s: image %s%s, %d slot(s) of %s CPU and %d MiB",
+            self.job.name,
+            self.job.image_name,
+            f" ({self.image_id})" if self.image_id else "",
+            self.slots,
+            f"{self.job.cpus:g}",
+            self.job.memory_mib,
         )
         started = time.monotonic()
         if self.spot_watch:
             self.spot_watch.start()
         try:
-            while not self._at_limit() and not self._interrupted() and (lease := picker.next()):
-                self.taken += 1
-                self.work(lease, kernel)
-                if self.done and len(self.done) % self.settings.compact_every == 0:
-                    self._compact(min_batch=self.settings.compact_every)
+            threads = [threading.Thread(target=self._slot, args=(n,), name=f"slot{n}") for n in range(self.slots)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         finally:
             if self.spot_watch:
                 self.spot_watch.stop()
-        for line, reason in picker.rejected:
+        for line, reason in self._rejected:
             LOG.warning("tasklist line %r rejected: %s (recorded in rejected.txt)", line, reason)
         self._compact(force=True)
         if self._interrupted():
@@ -319,6 +514,70 @@ class Worker:
         )
         return EXIT_DRAINED
 
+    def _slot(self, number: int) -> None:
+        """One slot's loop until nothing is left, the limit is reached or a notice came: while one task's
+        container runs, the next task is claimed and its input staged (prefetch), so the slot does not
+        wait for downloads. The look ahead does not wait for tasks that others hold (one may be this
+        slot's own); once the task in hand is done, the slot looks again, patiently."""
+        owner = self.owner if self.slots == 1 else f"{self.owner}#{number}"
+        picker = task_queue.TaskPicker(
+            self.client, self.queue, owner, self.settings.instance_id, min(5.0, self.settings.lease_seconds / 4)
+        )
+        try:
+            current = self._take(picker)
+            while current is not None:
+                following = Prefetch(self._take, picker, False)
+                self.work(current)
+                with self._lock:
+                    due = self.done and len(self.done) % self.settings.compact_every == 0
+                if due:
+                    self._compact(min_batch=self.settings.compact_every)
+                current = following.result() or self._take(picker)
+        except Exception:  # noqa: BLE001 - one slot's unexpected error must not leave the others' work unlogged
+            LOG.exception("slot %d stopped by an unexpected error", number)
+        with self._lock:
+            self._rejected = self._rejected or picker.rejected
+
+    def _take(self, picker: task_queue.TaskPicker, patient: bool = True) -> Claimed | None:
+        """Claim the next task and stage its input, its lease renewed from the claim on. A task whose
+        input cannot be staged is recorded failed, and the next one taken. None when nothing is left
+        (or, not ``patient``, nothing is free now)."""
+        while not self._interrupted() and self._reserve():
+            lease = picker.next(stopped=self._interrupted, wait=patient)
+            if lease is None:
+                self._unreserve()
+                return None
+            LOG.info("claimed %s (attempt %d)", lease.name, lease.attempts)
+            claimed_at = time.time()
+            task_dir = self._task_dir(lease.name)
+            heartbeat = Heartbeat(self.client, self.queue, lease)
+            heartbeat.start()
+            try:
+                staged = self._stage_input(lease.name, task_dir / "input")
+            except task_queue.BadInput as error:
+                heartbeat.stop()
+                self._give_back(lease, error, fail_now=True)
+                shutil.rmtree(task_dir, ignore_errors=True)
+                continue
+            except BaseException:
+                heartbeat.stop()
+                shutil.rmtree(task_dir, ignore_errors=True)
+                raise
+            return Claimed(lease, task_dir, heartbeat, staged, claimed_at, time.time())
+        return None
+
+    def _reserve(self) -> bool:
+        """Count a claim about to be made against max_tasks; False once the limit is reached."""
+        with self._lock:
+            if 0 < self.settings.max_tasks <= self.taken:
+                return False
+            self.taken += 1
+            return True
+
+    def _unreserve(self) -> None:
+        with self._lock:
+            self.taken -= 1
+
     def _interrupted(self) -> bool:
         return self.spot_watch is not None and self.spot_watch.noticed.is_set()
 
@@ -333,47 +592,93 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - an S3 error here must not stop the worker
             LOG.warning("compaction failed, left to the next one: %s", error)
 
-    def work(self, lease: task_queue.Lease, kernel: Path) -> None:
-        """Process one claimed task; whatever happens, the task ends published, released or failed."""
-        name = lease.name
-        task_dir = self._task_dir(name)
-        heartbeat = Heartbeat(self.client, self.queue, lease)
-        heartbeat.start()
+    def work(self, task: Claimed) -> None:
+        """Process one claimed, staged task; whatever happens, it ends published, released or failed."""
+        lease, heartbeat = task.lease, task.heartbeat
+        dirs = TaskDirs(task.task_dir / "input", self.shared_dir, task.task_dir / "output")
         try:
-            LOG.info("claimed %s (attempt %d)", name, lease.attempts)
-            input_etag = self._stage_input(name, task_dir)
-            os.link(kernel, task_dir / kernel.name)
-            output = task_queue.output_name(name)
-            if self._interrupted():  # the notice came while the input was staged
+            if self._interrupted():  # the notice came while the task waited for its turn
                 raise TaskError("spot interruption")
-            report = self.runner.run(task_dir, name, kernel.name, output, self.settings.task_timeout)
+            started_at = time.time()
+            result = self.runner.run(self.job, lease.name, dirs, self.image_id)
+            ended_at = time.time()
             heartbeat.stop()
             if heartbeat.lost.is_set():
-                raise task_queue.LeaseLost(f"lease on {name} lost while processing")
-            with open(task_dir / output, "rb") as body:
-                task_queue.publish_output(self.client, self.queue, lease, body, {"input-etag": input_etag})
+                raise task_queue.LeaseLost(f"lease on {lease.name} lost while processing")
+            if result.exit_code != 0:
+                self._failed_run(lease, result)
+                return
+            files = self._publish(lease, dirs.output)
+            times = {"claimed_at": task.claimed_at, "staged_at": task.staged_at, "started_at": started_at}
+            manifest = self._manifest(lease, task.staged, files, result, {**times, "ended_at": ended_at})
+            task_queue.publish_manifest(self.client, self.queue, lease, manifest)
             task_queue.complete(self.client, self.queue, lease, published=True)
-            self.done.append(name)
-            LOG.info("completed %s: %s", name, report)
+            with self._lock:
+                self.done.append(lease.name)
+            LOG.info("completed %s: %d file(s) published; %s", lease.name, len(files), result.report or "no report")
         except (task_queue.BadInput, TaskError) as error:
             heartbeat.stop()  # the lock is rewritten below: no renewal may race with it
             if self._interrupted():
                 # Not the task's fault: the attempt does not count, the next worker takes it at once.
                 task_queue.release(self.client, self.queue, lease)
-                LOG.warning("gave back %s (spot interruption)", name)
+                LOG.warning("gave back %s (spot interruption)", lease.name)
             else:
-                self._give_back(lease, error)
+                self._give_back(lease, error, fail_now=isinstance(error, task_queue.BadInput))
         except task_queue.LeaseLost as error:
             LOG.warning("%s: not publishing, moving on", error)
         finally:
             heartbeat.stop()
-            shutil.rmtree(task_dir, ignore_errors=True)
+            shutil.rmtree(task.task_dir, ignore_errors=True)
 
-    def _give_back(self, lease: task_queue.Lease, error: Exception) -> None:
-        """Record a failed attempt: a bad input fails the task at once, a processing error counts
-        an attempt (after max_attempts the task is recorded failed)."""
+    def _failed_run(self, lease: task_queue.Lease, result: RunResult) -> None:
+        if self._interrupted():
+            task_queue.release(self.client, self.queue, lease)
+            LOG.warning("gave back %s (spot interruption)", lease.name)
+            return
+        action = self.job.on_exit(result.exit_code)
+        reason = f"exited with code {result.exit_code} ({action} by the job's rules): {result.report or 'no message'}"
+        self._give_back(lease, TaskError(reason), fail_now=action == "fail")
+
+    def _publish(self, lease: task_queue.Lease, output_dir: Path) -> list[dict]:
+        """Every regular file the command wrote, published under the job's output keys."""
+        files = sorted(path for path in output_dir.rglob("*") if not path.is_dir())
+        if not files:
+            raise TaskError(f"exited 0 but wrote nothing to {jobs.CONTAINER_OUTPUT_DIR}")
+        published = []
+        for path in files:
+            relative = path.relative_to(output_dir).as_posix()
+            if path.is_symlink():
+                raise task_queue.BadInput(f"output {relative} is a symbolic link; write regular files only")
+            try:
+                key = self.job.output_key(lease.name, relative)
+            except jobs.JobError as error:
+                raise task_queue.BadInput(f"output {relative}: {error}") from error
+            entry = task_queue.publish_file(self.client, self.queue, lease, key, path)
+            published.append({"name": relative, **entry})
+        return published
+
+    def _manifest(self, lease, staged: dict, files: list[dict], result: RunResult, times: dict) -> dict:
+        """How the outputs were made: input, shared files, image, command, machine, attempt, times."""
+        return {
+            "job": self.job.name,
+            "attempt": lease.attempts,
+            "owner": lease.owner,
+            "instance_id": self.settings.instance_id,
+            "input": staged,
+            "shared": self._shared,
+            "image": {"name": self.job.image_name, "id": self.image_id},
+            "command": self.job.argv(lease.name),
+            "exit_code": result.exit_code,
+            "files": [{key: entry[key] for key in ("name", "key", "size", "etag")} for entry in files],
+            **{name: round(at, 3) for name, at in times.items()},
+            "published_at": round(time.time(), 3),
+        }
+
+    def _give_back(self, lease: task_queue.Lease, error: Exception, fail_now: bool) -> None:
+        """Record a failed attempt: a bad input or a failing exit code fails the task at once, any other
+        error counts an attempt (after the job's attempts the task is recorded failed)."""
         try:
-            if isinstance(error, task_queue.BadInput):
+            if fail_now:
                 task_queue.fail(self.client, self.queue, lease, str(error))
                 state = "failed"
             else:
@@ -382,7 +687,8 @@ class Worker:
             LOG.warning("attempt at %s failed (%s) but %s", lease.name, error, lost)
             return
         if state == "failed":
-            self.failed.append(lease.name)
+            with self._lock:
+                self.failed.append(lease.name)
         LOG.error("attempt %d at %s failed (task now %s): %s", lease.attempts, lease.name, state, error)
 
     def _task_dir(self, name: str) -> Path:
@@ -390,24 +696,42 @@ class Worker:
         if task_dir.parent != self.workdir / "tasks":  # belt and braces: names never leave the work area
             raise task_queue.BadTaskName(f"task name {name!r} would leave the work area")
         shutil.rmtree(task_dir, ignore_errors=True)
-        task_dir.mkdir(parents=True)
+        (task_dir / "input").mkdir(parents=True)
+        (task_dir / "output").mkdir()
+        # The container may run as any user: it must be able to write its outputs.
+        os.chmod(task_dir / "output", 0o777)  # noqa: S103
         return task_dir
 
-    def _stage_kernel(self) -> Path:
-        path = self.workdir / self.queue.kernel
-        found = task_queue.download(self.client, self.queue, self.queue.key(self.queue.kernel), path)
-        if found is None:
-            raise TaskError(f"kernel s3://{self.queue.bucket}/{self.queue.key(self.queue.kernel)} is missing")
-        if path.stat().st_size == 0:
-            raise TaskError(f"kernel s3://{self.queue.bucket}/{self.queue.key(self.queue.kernel)} is empty")
-        return path
+    def _fetch(self, key: str) -> str:
+        """Download an object of the job's bucket into the work directory (the image archive)."""
+        path = self.workdir / "images" / key.rsplit("/", 1)[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if task_queue.download(self.client, self.queue, key, path) is None:
+            raise Unworkable(f"s3://{self.job.bucket}/{key} is missing")
+        return str(path)
 
-    def _stage_input(self, name: str, task_dir: Path) -> str:
-        free = shutil.disk_usage(task_dir).free
-        etag = task_queue.download(self.client, self.queue, self.queue.key(name), task_dir / name, max_bytes=free // 3)
+    def _stage_shared(self) -> None:
+        """The job's shared files, once per machine, for every slot and task (mounted read-only)."""
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        self._shared = []
+        for name in self.job.shared:
+            key = self.job.shared_key(name)
+            etag = task_queue.download(self.client, self.queue, key, self.shared_dir / name)
+            if etag is None:
+                raise Unworkable(f"shared file s3://{self.job.bucket}/{key} is missing")
+            size = (self.shared_dir / name).stat().st_size
+            if size == 0:
+                raise Unworkable(f"shared file s3://{self.job.bucket}/{key} is empty")
+            self._shared.append({"key": key, "etag": etag, "size": size})
+
+    def _stage_input(self, name: str, input_dir: Path) -> dict:
+        free = shutil.disk_usage(input_dir).free
+        key = self.queue.input_key(name)
+        # A third of the free space: the input, the outputs and the other slots' tasks share the disk.
+        etag = task_queue.download(self.client, self.queue, key, input_dir / name, max_bytes=free // 3)
         if etag is None:
-            raise task_queue.BadInput(f"input s3://{self.queue.bucket}/{self.queue.key(name)} is missing")
-        return etag
+            raise task_queue.BadInput(f"input s3://{self.queue.bucket}/{key} is missing")
+        return {"key": key, "etag": etag, "size": (input_dir / name).stat().st_size}
 
     def _spectator_pause(self) -> None:
         """The seed's pause at boot, so that someone can log in and watch (off by default)."""
@@ -457,12 +781,11 @@ def spot_interruption(settings: Settings) -> bool:
         return False
 
 
-def upload_log(client, settings: Settings, owner: str, log_file: Path) -> None:
-    key = f"{settings.prefix}logs/{owner}/log.txt"
+def upload_log(client, bucket: str, key: str, log_file: Path) -> None:
     try:
-        client.upload_file(str(log_file), settings.bucket, key)
+        client.upload_file(str(log_file), bucket, key)
     except Exception as error:  # noqa: BLE001 - the log is a courtesy; the queue state is already safe
-        LOG.warning("could not upload the log to %s: %s", key, error)
+        LOG.warning("could not upload the log to s3://%s/%s: %s", bucket, key, error)
 
 
 def terminate_self(settings: Settings, session) -> None:
@@ -495,33 +818,51 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as error:
         print(f"cicc-worker: {error}", file=sys.stderr)
         return EXIT_UNWORKABLE
-    runner = DockerRunner(settings.image) if args.runner == "docker" else ProcessRunner(args.program)
-    job_notes, spot_watch = [], None
+    runner = DockerRunner() if args.runner == "docker" else ProcessRunner(args.program)
+    notes, spot_watch = [], None
     if not settings.instance_id:
         settings.instance_id, user_data = instance_metadata(settings)
-        job_notes = settings.apply_job(user_data)
+        notes = settings.apply_user_data(user_data)
+        # What the command line says beats the user data (a job run by hand on a fleet machine).
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
         # On EC2 (not the local cloud, whose identity file stands in for the metadata service) a spot
         # instance may be reclaimed: watch for the notice.
         if settings.instance_id and not Path(settings.identity_file).exists():
             spot_watch = SpotWatch(settings, runner)
-    session = boto3.session.Session()
-    client = s3_client(settings, session)
-    worker = Worker(settings, client, runner, spot_watch=spot_watch)
-    log_file = worker.workdir / "log.txt"
+    owner = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+    log_file = Path(settings.workdir).resolve() / owner / "log.txt"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
+        format="%(asctime)s %(levelname)s [%(threadName)s] %(message)s",
         handlers=[logging.StreamHandler(), logging.FileHandler(log_file)],
     )
-    for note in job_notes:
-        LOG.log(logging.WARNING if note.endswith("ignored") else logging.INFO, note)
+    for level, note in notes:
+        LOG.log(level, note)
+    session = boto3.session.Session()
+    client = s3_client(settings, session)
+    # Where the log goes when the job cannot even be read: beside the job file.
+    log_bucket, log_key = "", ""
+    if settings.job.startswith("s3://"):
+        log_bucket, job_key = split_s3_url(settings.job)
+        log_key = f"{job_key.rpartition('/')[0]}/logs/{owner}/log.txt".lstrip("/")
     try:
+        if not settings.job:
+            raise Unworkable('no job: the user data names none ({"job": "s3://BUCKET/PREFIX/job.json"}) nor does --job')
+        job = read_job(client, settings.job)
+        worker = Worker(settings, client, job, runner, owner=owner, spot_watch=spot_watch)
+        log_bucket, log_key = job.bucket, worker.log_key
         code = worker.run()
+    except Unworkable as error:
+        LOG.error("%s; no task claimed", error)
+        code = EXIT_UNWORKABLE
     except Exception:  # noqa: BLE001 - logged in full, then the exit action still runs
         LOG.exception("worker stopped by an unexpected error")
         code = EXIT_ERROR
-    upload_log(client, settings, worker.owner, log_file)
+    if log_bucket:
+        upload_log(client, log_bucket, log_key, log_file)
     if settings.exit_action == "terminate":
         terminate_self(settings, session)
     return code

@@ -9,7 +9,7 @@ library and boto3's exceptions, never Ansible.
 
 Keys, all under the queue prefix P:
 
-  P<name>                     an input; P<output_name(name)> its output
+  I<name>                     a task's input, under the input prefix I (the queue prefix unless the job says otherwise)
   P tasklist.txt              names still to do, one per line (people edit it)
   P completed.txt             names done           } rewritten only by compact(),
   P failed.txt                names given up on    } from the journal below
@@ -17,15 +17,21 @@ Keys, all under the queue prefix P:
   P locks/<name>              the lease: a tiny JSON body (owner, token, attempts, lease length)
   P journal/<state>/<name>    a finished task not yet merged into the lists (state: completed|failed)
   P failed/<name>.json        the failed record: reason and attempts, kept for good
+  P manifests/<name>.json     what the task published (keys, sizes, ETags) and how: the mark of a task done
 
-Why it holds (RELIABILITY.md):
+A task's outputs are the job's business (plugins/module_utils/job.py names them); the protocol publishes
+each with If-None-Match and then the manifest, and only the manifest makes the task done.
+
+What it promises: every task listed ends either completed, with its outputs, or recorded failed with a
+reason - never both, never neither, never twice. Why it holds:
 - claim is PutObject If-None-Match:* on the lock: exactly one writer wins. A lock whose lease
   expired by S3's clock (LastModified against the response Date) is taken over with If-Match
   on its ETag, so only one of several takers wins that too.
 - renew and release use If-Match on the holder's own ETag: a worker that lost its lease learns
   it at once and can neither extend nor delete the new owner's lock.
-- the output is written before the task is journaled, and with If-None-Match:*, so it is never
-  overwritten; a task whose output exists is finished, not recomputed.
+- the outputs and then the manifest are written before the task is journaled, each with
+  If-None-Match:*, so nothing published is ever overwritten; a task whose manifest exists is
+  finished, not recomputed, and a task with no manifest is not done (whatever outputs it left).
 - each finish writes one small journal key; compact() folds the journal into the lists in
   batches with If-Match on every list, re-reading on conflict. The lists cost O(1) writes per
   batch instead of two full rewrites per task, and once the queue is drained they are exact.
@@ -33,6 +39,8 @@ Why it holds (RELIABILITY.md):
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import os
 import random
@@ -91,6 +99,11 @@ class BadTaskName(QueueError):
     """A tasklist entry that cannot be a task name; it is never turned into a key or path."""
 
 
+class OutputConflict(BadInput):
+    """An output key holds other content than the task produced: it is never overwritten, and
+    retrying cannot help (the task is recorded failed with this reason)."""
+
+
 @dataclass(frozen=True)
 class Queue:
     """Where a queue lives and its rules."""
@@ -99,10 +112,14 @@ class Queue:
     prefix: str = ""
     lease_seconds: int = 120
     max_attempts: int = 3
-    kernel: str = "kernel.dat"
+    # Where the tasks' inputs are; None: under the queue prefix, as in the seed's layout.
+    input_prefix: str | None = None
 
     def key(self, name: str) -> str:
         return self.prefix + name
+
+    def input_key(self, name: str) -> str:
+        return (self.prefix if self.input_prefix is None else self.input_prefix) + name
 
     def lock_key(self, name: str) -> str:
         return f"{self.prefix}locks/{name}"
@@ -113,8 +130,8 @@ class Queue:
     def failed_key(self, name: str) -> str:
         return f"{self.prefix}failed/{name}.json"
 
-    def output_key(self, name: str) -> str:
-        return self.prefix + output_name(name)
+    def manifest_key(self, name: str) -> str:
+        return f"{self.prefix}manifests/{name}.json"
 
 
 @dataclass
@@ -183,11 +200,6 @@ def check_name(name: str) -> str:
     if problem:
         raise BadTaskName(f"task name {name!r} rejected: {problem}")
     return name
-
-
-def output_name(name: str) -> str:
-    """The seed's naming: in3.dat -> out3.dat; a name not starting with 'in' gets 'out_' in front."""
-    return "out" + name[2:] if name.startswith("in") and len(name) > 2 else "out_" + name
 
 
 @dataclass
@@ -384,13 +396,34 @@ def read_lock(client, queue: Queue, name: str) -> tuple[dict, str] | None:
 
 
 def finished_state(client, queue: Queue, name: str) -> str | None:
-    """"completed" when the task's output exists, "failed" when its failed record does, else None
+    """ "completed" when the task's manifest exists, "failed" when its failed record does, else None
     (read-only)."""
-    if _exists(client, queue.bucket, queue.output_key(name)):
+    if _exists(client, queue.bucket, queue.manifest_key(name)):
         return "completed"
     if _exists(client, queue.bucket, queue.failed_key(name)):
         return "failed"
     return None
+
+
+def read_manifest(client, queue: Queue, name: str) -> dict | None:
+    """The task's manifest, or None when the task is not done (read-only)."""
+    found = _get(client, queue.bucket, queue.manifest_key(name))
+    return json.loads(found[0]) if found else None
+
+
+def describe_outputs(client, queue: Queue, keys: list[str]) -> list[dict]:
+    """Key, size and ETag of each output object, for a manifest of outputs published by other means
+    (read-only). Raises QueueError naming the first key that does not exist."""
+    files = []
+    for key in keys:
+        try:
+            head = client.head_object(Bucket=queue.bucket, Key=key)
+        except Exception as error:  # noqa: BLE001
+            if _is(error, _MISSING):
+                raise QueueError(f"output s3://{queue.bucket}/{key} does not exist; publish it first") from error
+            raise
+        files.append({"name": key.rsplit("/", 1)[-1], "key": key, "size": head["ContentLength"], "etag": head["ETag"]})
+    return files
 
 
 def renew(client, queue: Queue, lease: Lease) -> Lease:
@@ -435,12 +468,46 @@ def download(client, queue: Queue, key: str, path, max_bytes: int | None = None)
     return response["ETag"]
 
 
-def publish_output(client, queue: Queue, lease: Lease, body, metadata: dict | None = None) -> bool:
-    """Upload the output of a claimed task. Returns False if an output was already there (it is
-    never overwritten: outputs are deterministic, the first one stands)."""
+def _md5(path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as source:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish_file(client, queue: Queue, lease: Lease, key: str, path) -> dict:
+    """Upload one output of a claimed task to ``key``, never over anything: If-None-Match:*.
+
+    An object already at ``key`` with the same bytes (an earlier attempt that died before its
+    manifest, or a deterministic command run again) counts as published; one with other bytes raises
+    OutputConflict and is left as it is. Returns {"key", "size", "etag", "existing"}."""
     ensure_live(client, queue, lease)
+    size, md5 = os.path.getsize(path), _md5(path)
     try:
-        _put(client, queue.bucket, queue.output_key(lease.name), body, IfNoneMatch="*", Metadata=metadata or {})
+        with open(path, "rb") as body:
+            etag = _put(client, queue.bucket, key, body, IfNoneMatch="*")
+        return {"key": key, "size": size, "etag": etag, "existing": False}
+    except Exception as error:  # noqa: BLE001
+        if not _is(error, _PRECONDITION):
+            raise
+    head = client.head_object(Bucket=queue.bucket, Key=key)
+    if head["ETag"].strip('"') != md5:
+        raise OutputConflict(
+            f"output s3://{queue.bucket}/{key} exists with other content than task {lease.name} produced "
+            f"(ETag {head['ETag']}, this attempt's MD5 {md5}): it is not overwritten; remove it, or publish the "
+            "job under another outputs prefix"
+        )
+    return {"key": key, "size": size, "etag": head["ETag"], "existing": True}
+
+
+def publish_manifest(client, queue: Queue, lease: Lease, manifest: dict) -> bool:
+    """Write the task's manifest once its outputs are published: the task is then done. Returns False
+    when a manifest was there already (an earlier attempt finished it; the first one stands)."""
+    ensure_live(client, queue, lease)
+    body = json.dumps({"task": lease.name, **manifest}, indent=1, sort_keys=True).encode()
+    try:
+        _put(client, queue.bucket, queue.manifest_key(lease.name), body, IfNoneMatch="*")
     except Exception as error:  # noqa: BLE001
         if _is(error, _PRECONDITION):
             return False
@@ -450,9 +517,9 @@ def publish_output(client, queue: Queue, lease: Lease, body, metadata: dict | No
 
 def complete(client, queue: Queue, lease: Lease, published: bool = False) -> None:
     """Mark a task as completed, then let its lock go. Idempotent. Unless the caller has just
-    published the output itself, its presence is checked first: no output, no completion."""
-    if not published and not _exists(client, queue.bucket, queue.output_key(lease.name)):
-        raise QueueError(f"task {lease.name} has no output {queue.output_key(lease.name)}; publish it first")
+    published the manifest itself, its presence is checked first: no manifest, no completion."""
+    if not published and not _exists(client, queue.bucket, queue.manifest_key(lease.name)):
+        raise QueueError(f"task {lease.name} has no manifest {queue.manifest_key(lease.name)}; publish it first")
     _put(client, queue.bucket, queue.journal_key("completed", lease.name), b"")
     _delete_lock(client, queue, lease)
 
@@ -579,6 +646,44 @@ def _apply_journal(client, queue: Queue, finished: dict[str, set[str]]) -> dict:
     return moved
 
 
+def list_inputs(client, queue: Queue, pattern: str = "*", exclude=()) -> list[str]:
+    """Names of the objects directly under the input prefix that match ``pattern`` (fnmatch) and can
+    be task names, sorted; the queue's lists and ``exclude`` (the shared files) left out (read-only)."""
+    prefix = queue.input_key("")
+    names = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=queue.bucket, Prefix=prefix, Delimiter="/"):
+        for item in page.get("Contents", []):
+            name = item["Key"][len(prefix) :]
+            if fnmatch.fnmatchcase(name, pattern) and name not in exclude and name_problem(name) is None:
+                names.append(name)
+    return sorted(names)
+
+
+def add_tasks(client, queue: Queue, names: list[str], check_mode: bool = False) -> list[str]:
+    """Append to tasklist.txt the names it does not list and that are not finished (completed or
+    failed, folded or journaled), with If-Match on the list as every list edit. Returns the names
+    added (in check mode: that would be)."""
+    for attempt in range(20):
+        raw, condition = _read_list(client, queue, TASKLIST)
+        known = set(parse_tasklist(raw).names)
+        for list_name in (COMPLETED, FAILED):
+            known |= set(parse_tasklist(_read_list(client, queue, list_name)[0]).names)
+        known |= {key.rsplit("/", 1)[1] for keys in _journal(client, queue).values() for key in keys}
+        new = [name for name in dict.fromkeys(names) if name not in known]
+        if not new or check_mode:
+            return new
+        body = raw if raw.endswith(b"\n") or not raw else raw + b"\n"
+        try:
+            _put(client, queue.bucket, queue.key(TASKLIST), body + _lines(new), **condition)
+        except Exception as error:  # noqa: BLE001
+            if not _is(error, _PRECONDITION + _CONFLICT):
+                raise
+            _backoff(attempt)
+            continue
+        return new
+    raise QueueError("tasklist.txt kept changing while tasks were added; try again")
+
+
 # --- reading the state ----------------------------------------------------------------------------
 
 
@@ -615,12 +720,38 @@ def queue_status(client, queue: Queue) -> dict:
         "claimed": len(claimed),
         "claims": claimed,
         "completed": len(listed["completed"]),
+        "completed_tasks": sorted(listed["completed"]),
         "failed": len(listed["failed"]),
         "failed_tasks": sorted(listed["failed"]),
         "rejected": [{"line": line, "reason": reason} for line, reason in tasks.rejected],
         "journaled": sum(len(names) for names in journal.values()),
         "drained": not pending and not claimed,
     }
+
+
+def check_outputs(client, queue: Queue, names) -> dict:
+    """For each completed task: its manifest, and every file it lists there with the ETag it lists
+    (read-only). Tasks done without a manifest (outputs made before manifests, or by hand) are
+    reported apart, not as wrong: nothing says what they should be."""
+    wrong, unrecorded = [], []
+    for name in names:
+        manifest = read_manifest(client, queue, name)
+        if manifest is None:
+            unrecorded.append(name)
+            continue
+        for entry in manifest.get("files", []):
+            try:
+                etag = client.head_object(Bucket=queue.bucket, Key=entry["key"])["ETag"]
+            except Exception as error:  # noqa: BLE001
+                if not _is(error, _MISSING):
+                    raise
+                wrong.append(f"{name}: output {entry['key']} is missing")
+                continue
+            if etag != entry.get("etag", etag):
+                wrong.append(
+                    f"{name}: output {entry['key']} changed since it was published ({etag}, not {entry['etag']})"
+                )
+    return {"checked": len(names) - len(unrecorded), "without_manifest": unrecorded, "wrong": wrong}
 
 
 # --- choosing what to claim -----------------------------------------------------------------------
@@ -709,12 +840,15 @@ class TaskPicker:
         self._jump = True
         return None
 
-    def next(self) -> Lease | None:
-        """The next claimed task, or None once nothing is pending or held by anyone."""
+    def next(self, stopped=lambda: False, wait: bool = True) -> Lease | None:
+        """The next claimed task, or None once nothing is pending or held by anyone, or once
+        ``stopped()`` says to claim no more (it is asked before every claim and after every wait).
+        With ``wait=False`` it returns None at once when only tasks held by others remain (a worker
+        looking ahead while its own task runs); the next call then looks afresh first."""
         if not self._left and not self._busy:
             self._refresh()
-        while True:
-            while self._left:
+        while not stopped():
+            while self._left and not stopped():
                 if self._stale():
                     self._refresh()
                     continue
@@ -726,6 +860,9 @@ class TaskPicker:
                 continue
             if not self._busy:
                 return None
+            if not wait:
+                self._fresh = False
+                return None
             # Only tasks held by others remain: wait for them to finish or for a lease to expire,
             # then look again, and try to take over only the tasks still locked.
             time.sleep(self.poll_seconds)
@@ -734,6 +871,7 @@ class TaskPicker:
                 continue
             busy, self._busy = self._busy, []
             for name in busy:
-                lease = self._try(name, take_over=True)
+                lease = None if stopped() else self._try(name, take_over=True)
                 if lease:
                     return lease
+        return None

@@ -17,14 +17,24 @@ description:
   - Records a task claimed with M(cicc.cloud.task_claim) as completed (a journal entry that
     M(cicc.cloud.task_info) with O(cicc.cloud.task_info#module:compact=true) or the workers fold into
     C(completed.txt)), then deletes its lock if the lease is still the one O(etag) names.
-  - The task's output (C(in3.dat) gives C(out3.dat), other names C(out_<name>)) must exist in the bucket first.
-    Without it the module fails and nothing is written.
+  - A task is done when its manifest (C(manifests/<name>.json) under the prefix) exists; the boot worker writes it
+    once it has published the task's outputs. Give O(outputs) for a task whose outputs were published by other means;
+    each must exist in the bucket, and the module writes the manifest listing them (key, size, ETag). Without a
+    manifest or existing outputs the module fails and nothing is written.
   - Completing a task that is already recorded completed and whose lock is gone changes nothing.
   - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
     adapts it.
   - O(lease_seconds) and O(max_attempts) are the ones given to M(cicc.cloud.task_claim).
 author:
   - cicc.cloud developers (!UNKNOWN)
+options:
+  outputs:
+    description:
+      - Keys of the task's outputs, relative to O(prefix), for a task that has no manifest yet.
+      - Ignored when the task has a manifest already.
+    type: list
+    elements: str
+    default: []
 extends_documentation_fragment:
   - cicc.cloud.attributes
   - cicc.cloud.task_queue
@@ -48,6 +58,7 @@ EXAMPLES = r"""
 - name: Complete it once its output is uploaded
   cicc.cloud.task_complete:
     bucket: cicc-demo-bucket
+    outputs: ["out{{ claim.task.name[2:] }}"]
     name: "{{ claim.task.name }}"
     owner: "{{ claim.task.owner }}"
     token: "{{ claim.task.token }}"
@@ -72,11 +83,17 @@ task:
       type: str
       returned: success
       sample: completed
-    output:
-      description: Key of the task's output in the bucket.
+    manifest:
+      description: Key of the task's manifest in the bucket.
       type: str
       returned: success
-      sample: out3.dat
+      sample: manifests/in3.dat.json
+    outputs:
+      description: Keys of the task's outputs, as its manifest lists them.
+      type: list
+      elements: str
+      returned: success
+      sample: [out3.dat]
 """
 
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
@@ -112,6 +129,7 @@ def already_completed(client, queue, name):
 
 def main():
     argument_spec = dict(QUEUE_ARGUMENT_SPEC, **LEASE_ARGUMENT_SPEC)
+    argument_spec.update(outputs=dict(type="list", elements="str", default=[]))
 
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
 
@@ -121,14 +139,20 @@ def main():
 
     with queue_errors(module, queue, f"complete task {lease.name}"):
         task_queue.check_name(lease.name)
-        output = queue.output_key(lease.name)
-        task = {"name": lease.name, "state": "completed", "output": output}
+        task = {"name": lease.name, "state": "completed", "manifest": queue.manifest_key(lease.name)}
+        manifest = task_queue.read_manifest(client, queue, lease.name)
+        written = manifest is not None
+        if not written:
+            if not module.params["outputs"]:
+                module.fail_json(msg=f"task {lease.name} has no manifest: name its outputs (outputs) to write one")
+            files = task_queue.describe_outputs(client, queue, [queue.key(key) for key in module.params["outputs"]])
+            manifest = {"files": files, "owner": lease.owner}
+        task["outputs"] = [entry["key"] for entry in manifest.get("files", [])]
         if already_completed(client, queue, lease.name):
             module.exit_json(changed=False, task=task)
-        if module.check_mode:
-            if task_queue.finished_state(client, queue, lease.name) != "completed":
-                module.fail_json(msg=f"task {lease.name} has no output {output}; publish it first")
-        else:
+        if not module.check_mode:
+            if not written:
+                task_queue.publish_manifest(client, queue, lease, manifest)
             task_queue.complete(client, queue, lease)
     module.exit_json(changed=True, task=task)
 

@@ -33,6 +33,12 @@ options:
       - Fold the journal into the lists before reading the queue. This writes to the bucket (not in check mode).
     default: false
     type: bool
+  check_outputs:
+    description:
+      - Check every completed task's outputs against its manifest (each file it lists there, with the ETag it lists)
+        and return the result as RV(outputs). Read-only.
+    default: false
+    type: bool
 extends_documentation_fragment:
   - cicc.cloud.attributes
   - cicc.cloud.task_queue
@@ -140,6 +146,12 @@ queue:
       type: int
       returned: always
       sample: 1
+    completed_tasks:
+      description: Names of the tasks completed, sorted.
+      type: list
+      elements: str
+      returned: always
+      sample: ["in3.dat"]
     failed_tasks:
       description: Names of the tasks recorded failed, sorted.
       type: list
@@ -172,6 +184,28 @@ queue:
       type: bool
       returned: always
       sample: false
+outputs:
+  description: The completed tasks' outputs checked against their manifests.
+  returned: when O(check_outputs=true)
+  type: dict
+  contains:
+    checked:
+      description: Completed tasks whose manifest was checked.
+      type: int
+      returned: always
+      sample: 7
+    without_manifest:
+      description: Completed tasks with no manifest (outputs made before manifests existed, or by hand).
+      type: list
+      elements: str
+      returned: always
+      sample: ["in0.dat"]
+    wrong:
+      description: What is wrong, one line per output missing or changed since it was published.
+      type: list
+      elements: str
+      returned: always
+      sample: []
 compacted:
   description: What the compaction moved into the lists.
   returned: when O(compact=true), outside check mode
@@ -211,7 +245,9 @@ def compact(client, queue, status):
 
 
 def main():
-    argument_spec = dict(QUEUE_ARGUMENT_SPEC, compact=dict(type="bool", default=False))
+    argument_spec = dict(
+        QUEUE_ARGUMENT_SPEC, compact=dict(type="bool", default=False), check_outputs=dict(type="bool", default=False)
+    )
 
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
 
@@ -228,6 +264,8 @@ def main():
             result["changed"], result["compacted"] = compact(client, queue, status)
             if result["changed"]:
                 status = task_queue.queue_status(client, queue)
+        if params["check_outputs"]:
+            result["outputs"] = task_queue.check_outputs(client, queue, status["completed_tasks"])
     module.exit_json(queue=status, **result)
 
 

@@ -14,6 +14,8 @@ emulator. The wall times of the three runs are printed (pytest -s shows them).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -28,6 +30,9 @@ import boto3
 import docker.errors
 import numpy as np
 import pytest
+import yaml
+
+from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
@@ -125,6 +130,78 @@ def _cleanup(docker_client, endpoint: str, instance_ids: set[str], ami_ids: set[
             shutil.rmtree(directory, ignore_errors=True)
 
 
+def _tag(instance: dict, key: str) -> str:
+    return {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}.get(key, "")
+
+
+def _own_amis(ec2, project: str) -> list[str]:
+    tag = [{"Name": "tag:project", "Values": [project]}]
+    return sorted(image["ImageId"] for image in ec2.describe_images(Owners=["self"], Filters=tag)["Images"])
+
+
+def _committed_images(docker_client, endpoint: str) -> list[str]:
+    """The local cloud's AMI images of this emulator: one per AMI build."""
+    return sorted(
+        image.id
+        for image in docker_client.images.list(name="cicc-ami", filters={"label": f"{LABEL_ENDPOINT}={endpoint}"})
+    )
+
+
+def _pipelines_at_once(env: dict, runs: list[tuple]) -> list[subprocess.CompletedProcess]:
+    """scripts/pipeline.sh runs side by side, one per (settings, *args); their results in that order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(_pipeline, env, settings, *args) for settings, *args in runs]
+        return [future.result()[0] for future in futures]
+
+
+def _job_file(path: Path, job: dict) -> Path:
+    path.write_text(yaml.safe_dump({"cicc_job": job}))
+    return path
+
+
+def _more_jobs(pipeline: dict, tmp_path: Path, docker_client) -> tuple[Path, Path, dict[str, bytes]]:
+    """The summary job, its image saved into the bucket; and an XOR job over a prefix filled by hand."""
+    s3, bucket = pipeline["aws"]["s3"], pipeline["bucket"]
+    archive = tmp_path / "cicc-summary.tar"
+    saved = subprocess.run(
+        [
+            str(ROOT / "scripts" / "process-image.sh"),
+            "container/summary",
+            "cicc-summary:latest",
+            "--save",
+            str(archive),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    s3.upload_file(str(archive), bucket, "summary/images/cicc-summary.tar")
+    archive.unlink()
+    docker_client.images.remove("cicc-summary:latest")  # no machine has it: the bucket brings it
+    summary = yaml.safe_load((ROOT / "jobs" / "summary.yml").read_text())["cicc_job"]
+    summary["image"]["digest"] = saved.stdout.split()[-1]
+    byhand = {**yaml.safe_load((ROOT / "jobs" / "xor.yml").read_text())["cicc_job"], "name": "byhand"}
+    byhand.update(prefix="byhand/", dataset=None)
+    objects = {f"byhand/{key}": body for key, body in build_dataset(input_size=INPUT_SIZE, seed=7).items()}
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return _job_file(tmp_path / "summary.yml", summary), _job_file(tmp_path / "byhand.yml", byhand), objects
+
+
+def _check_summary_outputs(s3, bucket: str, names: list[str]) -> None:
+    """Each input's summary.json and histogram.npy, recomputed here from the input itself."""
+    for name in names:
+        data = _read(s3, bucket, name)
+        summary = json.loads(_read(s3, bucket, f"summary/results/{name}/summary.json"))
+        assert summary["size"] == len(data) and summary["sha256"] == hashlib.sha256(data).hexdigest(), name
+        assert summary["zero_bytes"] == data.count(0) and summary["distinct_bytes"] == len(set(data)), name
+        histogram = np.load(io.BytesIO(_read(s3, bucket, f"summary/results/{name}/histogram.npy")))
+        assert histogram.tolist() == [data.count(value) for value in range(256)], name
+    assert sorted(_read(s3, bucket, "summary/completed.txt").decode().split()) == sorted(names)
+
+
 @pytest.fixture
 def pipeline(emulator, docker_client):
     """A project and bucket of this test's own, the environment scripts/pipeline.sh needs, and the cleanup."""
@@ -161,7 +238,7 @@ def pipeline(emulator, docker_client):
     _cleanup(docker_client, emulator, made["instances"], made["images"])
 
 
-def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client, emulator, capsys):
+def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client, emulator, capsys, tmp_path):
     project, bucket, env, settings, aws = (pipeline[k] for k in ("project", "bucket", "env", "settings", "aws"))
     s3, ec2 = aws["s3"], aws["ec2"]
 
@@ -234,6 +311,56 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client
     assert len(_instances(ec2, project)) == len(instances)
     assert "no fleet launched by this run" in " ".join(second.stdout.split())
 
+    # Two more jobs at once from the same AMI, in the same bucket under prefixes of their own: the summary job
+    # (its image delivered from the bucket at boot, two outputs a task) over the XOR job's inputs, and the XOR
+    # program over a bucket prefix filled by hand in the seed's layout (no data set written). No AMI is built.
+    amis_before = _own_amis(ec2, project)
+    committed_before = _committed_images(docker_client, emulator)
+    summary_file, byhand_file, byhand_objects = _more_jobs(pipeline, tmp_path, docker_client)
+    runs = _pipelines_at_once(
+        env,
+        [
+            ({**settings, "cicc_fleet_size": 2}, "-e", f"@{summary_file}"),
+            ({**settings, "cicc_fleet_size": 2}, "-e", f"@{byhand_file}"),
+        ],
+    )
+    for result in runs:
+        _ok(result)
+    assert _own_amis(ec2, project) == amis_before
+    assert _committed_images(docker_client, emulator) == committed_before
+    instances = _instances(ec2, project)
+    pipeline["made"]["instances"] |= {instance["InstanceId"] for instance in instances}
+    per_job = {}
+    for instance in instances:
+        per_job.setdefault(_tag(instance, "cicc:job"), []).append(instance)
+    assert {job: len(machines) for job, machines in per_job.items()} == {
+        "": 1,
+        "xor": FLEET_SIZE,
+        "summary": 2,
+        "byhand": 2,
+    }
+    assert {instance["State"]["Name"] for instance in instances} == {"terminated"}
+    assert {instance["ImageId"] for instance in per_job["summary"] + per_job["byhand"]} == {amis_before[0]}
+    _check_summary_outputs(s3, bucket, [f"in{i}.dat" for i in range(10)])
+    assert "verified 10/10 outputs in s3://%s/byhand/" % bucket in " ".join(runs[1].stdout.split())
+    for key, body in byhand_objects.items():  # the inputs made by hand are untouched, no data set was written
+        if not key.startswith(("byhand/tasklist.txt", "byhand/completed.txt")):
+            assert _read(s3, bucket, key) == body, key
+    assert sorted(_read(s3, bucket, "byhand/completed.txt").decode().split()) == [f"in{i}.dat" for i in range(10)]
+
+    # Tearing one job down leaves the others: the summary job's machines and identity go, its outputs stay.
+    summary_down, _seconds = _pipeline(env, settings, "playbooks/teardown_job.yml", "-e", f"@{summary_file}")
+    _ok(summary_down)
+    roles = {role["RoleName"] for role in aws["iam"].list_roles(PathPrefix=f"/{project}/")["Roles"]}
+    assert roles == {f"{project}-xor-worker-role", f"{project}-byhand-worker-role", f"{project}-builder-role"}
+    for instance in per_job["summary"]:
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(instance["InstanceId"])
+    for instance in per_job["byhand"]:
+        assert docker_client.containers.get(instance["InstanceId"]).status == "exited"
+    assert _own_amis(ec2, project) == amis_before
+    assert _keys(s3, bucket, "summary/results/in3.dat/") and not _keys(s3, bucket, "summary/job.json")
+
     # Teardown: nothing tagged is left, the bucket included.
     teardown, teardown_seconds = _pipeline(env, {**settings, "cicc_delete_bucket": True}, "playbooks/teardown.yml")
     _ok(teardown)
@@ -251,3 +378,43 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client
             f"\nlocal pipeline: check mode {check_seconds:.0f} s, first run {first_seconds:.0f} s, "
             f"re-run {second_seconds:.0f} s (changed=0), teardown {teardown_seconds:.0f} s"
         )
+
+
+def test_a_job_runs_on_machines_that_are_running_already(pipeline, docker_client):
+    """Seed 001's way: the job started on a machine that is up (the configured base instance, reached through the
+    dynamic inventory's docker connection) rather than at boot; the machine stays up, the queue is drained."""
+    env, settings, aws, bucket = (pipeline[k] for k in ("env", "settings", "aws", "bucket"))
+    s3, ec2 = aws["s3"], aws["ec2"]
+    for step in ("bucket", "job", "iam", "network", "base_instance", "configure"):
+        _ok(_pipeline(env, settings, f"playbooks/{step}.yml")[0])
+    base = _instances(ec2, pipeline["project"], ["running"])
+    assert [_role(instance) for instance in base] == ["base"]
+    pipeline["made"]["instances"].add(base[0]["InstanceId"])
+
+    result, seconds = _pipeline(env, settings, "playbooks/run_job.yml", "-e", "cicc_run_hosts=role_base")
+    _ok(result)
+    assert (
+        "job xor, queue s3://%s/: 10 completed, 0 failed, 7 task(s) with outputs as their manifests say" % bucket
+        in (" ".join(result.stdout.split()))
+    )
+    kernel = np.frombuffer(_read(s3, bucket, "kernel.dat"), dtype=np.uint8)
+    for name in SEED_TASKS:
+        data = np.frombuffer(_read(s3, bucket, name), dtype=np.uint8)
+        output = np.frombuffer(_read(s3, bucket, name.replace("in", "out")), dtype=np.uint8)
+        assert np.array_equal(output, data ^ np.resize(kernel, data.size)), name
+    assert _keys(s3, bucket, f"logs/{base[0]['InstanceId']}/") == [f"logs/{base[0]['InstanceId']}/log.txt"]
+    assert (
+        ec2.describe_instances(InstanceIds=[base[0]["InstanceId"]])["Reservations"][0]["Instances"][0]["State"]["Name"]
+        == "running"
+    )
+    assert docker_client.containers.get(base[0]["InstanceId"]).status == "running"
+
+    # Again: the queue is drained, nothing is started.
+    again, _seconds = _pipeline(env, settings, "playbooks/run_job.yml", "-e", "cicc_run_hosts=role_base")
+    assert {host: counts["changed"] for host, counts in _ok(again).items()} == {
+        "localhost": 0,
+        base[0]["InstanceId"]: 0,
+    }
+
+    _ok(_pipeline(env, {**settings, "cicc_delete_bucket": True}, "playbooks/teardown.yml")[0])
+    assert _tagged(aws, pipeline["project"], bucket) == {}

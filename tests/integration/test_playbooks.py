@@ -322,6 +322,19 @@ def test_step_playbooks_stop_before_any_change(own_emulator, project) -> None:
     # The whole pipeline checks the settings of its later steps before its first change.
     result = _playbook("site.yml", {**project, "cicc_fleet_tasks_per_machine": "one"})
     assert result.returncode != 0 and "cicc_fleet_tasks_per_machine is 'one'" in _flat(result)
+    # A bad job: every wrong field named, by the same check the boot worker makes, before anything is made.
+    job = yaml.safe_load((ROOT / "jobs" / "xor.yml").read_text())["cicc_job"]
+    bad = {**job, "name": "Bad Name", "cpus": 0, "env": {"AWS_SECRET_ACCESS_KEY": "x"}, "comand": ["typo"]}
+    result = _playbook("site.yml", {**project, "cicc_job": bad})
+    text = _flat(result)
+    assert result.returncode != 0 and _recap(result)["changed"] == 0
+    for field in (
+        "job field name is 'Bad Name'",
+        "job field cpus is 0",
+        "job field env.AWS_SECRET_ACCESS_KEY",
+        "comand",
+    ):
+        assert field in text, field
     assert not _tagged(aws, project["cicc_project"], project["cicc_bucket"])
 
 
@@ -332,7 +345,7 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
     aws = _clients(own_emulator)
     s3, iam, ec2 = aws["s3"], aws["iam"], aws["ec2"]
     name, bucket, prefix = project["cicc_project"], project["cicc_bucket"], project["cicc_prefix"]
-    role, profile, policy = f"{name}-worker-role", f"{name}-worker-profile", f"{name}-worker-policy"
+    role, profile, policy = f"{name}-xor-worker-role", f"{name}-xor-worker-profile", f"{name}-xor-worker-policy"
     builder_role, builder_profile = f"{name}-builder-role", f"{name}-builder-profile"
 
     # Check mode: both steps would change things, and nothing is created.
@@ -388,17 +401,19 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
     assert iam.list_role_policies(RoleName=role)["PolicyNames"] == [policy]
     document = iam.get_role_policy(RoleName=role, PolicyName=policy)["PolicyDocument"]
     statements = {s["Sid"]: s for s in document["Statement"]}
-    assert statements["ListTheQueue"]["Action"] == "s3:ListBucket"
-    assert statements["ListTheQueue"]["Resource"] == f"arn:aws:s3:::{bucket}"
-    assert statements["ListTheQueue"]["Condition"] == {"StringLike": {"s3:prefix": [f"{prefix}*"]}}
-    assert set(statements["ReadWriteTheQueueObjects"]["Action"]) == WORKER_S3_ACTIONS
-    assert statements["ReadWriteTheQueueObjects"]["Resource"] == f"arn:aws:s3:::{bucket}/{prefix}*"
-    assert statements["TerminateOnlyProjectWorkers"]["Action"] == "ec2:TerminateInstances"
-    assert statements["TerminateOnlyProjectWorkers"]["Resource"] == f"arn:aws:ec2:{REGION}:*:instance/*"
-    assert statements["TerminateOnlyProjectWorkers"]["Condition"] == {
-        "StringEquals": {"ec2:ResourceTag/project": name, "ec2:ResourceTag/role": "worker"}
-    }
-    assert len(statements) == 3 and all(s["Effect"] == "Allow" for s in statements.values())
+    assert statements["ListTheJobsPrefixes"]["Action"] == "s3:ListBucket"
+    assert statements["ListTheJobsPrefixes"]["Resource"] == f"arn:aws:s3:::{bucket}"
+    assert statements["ListTheJobsPrefixes"]["Condition"] == {"StringLike": {"s3:prefix": [f"{prefix}*"]}}
+    assert statements["ReadTheInputs"]["Action"] == "s3:GetObject"
+    assert set(statements["WorkTheQueue"]["Action"]) == WORKER_S3_ACTIONS
+    assert set(statements["PublishTheOutputs"]["Action"]) == {"s3:GetObject", "s3:PutObject"}
+    for sid in ("ReadTheInputs", "WorkTheQueue", "PublishTheOutputs"):
+        assert statements[sid]["Resource"] == f"arn:aws:s3:::{bucket}/{prefix}*", sid
+    # Each machine may terminate itself and no other (AWS checks the condition; the emulator ignores it).
+    assert statements["TerminateItselfOnly"]["Action"] == "ec2:TerminateInstances"
+    assert statements["TerminateItselfOnly"]["Resource"] == f"arn:aws:ec2:{REGION}:*:instance/*"
+    assert statements["TerminateItselfOnly"]["Condition"] == {"StringEquals": {"aws:ARN": "${ec2:SourceInstanceARN}"}}
+    assert len(statements) == 5 and all(s["Effect"] == "Allow" for s in statements.values())
     carried = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]
     assert [r["RoleName"] for r in carried["Roles"]] == [role]
     assert {t["Key"]: t["Value"] for t in carried["Tags"]} == {"project": name}
@@ -407,8 +422,12 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
     assert [p["PolicyName"] for p in iam.list_attached_role_policies(RoleName=builder_role)["AttachedPolicies"]] == [
         "AmazonSSMManagedInstanceCore"
     ]
-    assert iam.list_role_policies(RoleName=builder_role)["PolicyNames"] == [policy]
-    assert iam.get_role_policy(RoleName=builder_role, PolicyName=policy)["PolicyDocument"] == document
+    assert iam.list_role_policies(RoleName=builder_role)["PolicyNames"] == [f"{name}-builder-policy"]
+    built = iam.get_role_policy(RoleName=builder_role, PolicyName=f"{name}-builder-policy")["PolicyDocument"]
+    assert {s["Sid"]: s["Resource"] for s in built["Statement"]} == {
+        "ListTheBucket": f"arn:aws:s3:::{bucket}",
+        "ReadWriteTheBucket": f"arn:aws:s3:::{bucket}/*",
+    }
     carried = iam.get_instance_profile(InstanceProfileName=builder_profile)["InstanceProfile"]
     assert [r["RoleName"] for r in carried["Roles"]] == [builder_role]
 
@@ -613,7 +632,10 @@ def test_status_shows_the_queue_and_the_fleet(own_emulator, project) -> None:
     result = _playbook("status.yml", project)
     assert _ok(result)["changed"] == 0
     text = _flat(result)
-    assert f"queue s3://{bucket}/{prefix}: 7 pending, 1 claimed (operator), 3 completed, 0 failed, 0 rejected lines" in text
+    assert (
+        f"queue s3://{bucket}/{prefix}: 7 pending, 1 claimed (operator), 3 completed, 0 failed, 0 rejected lines"
+        in text
+    )
     assert f"machines of project {name} not terminated: 1 - {machine} (worker, running)" in text
 
     result = _playbook("status.yml", {**project, "cicc_status_json": True}, ANSIBLE_CALLBACK_RESULT_FORMAT="json")
@@ -621,7 +643,7 @@ def test_status_shows_the_queue_and_the_fleet(own_emulator, project) -> None:
     shown = json.loads(_task_result(result, "Show the queue and the fleet")["msg"])
     assert (shown["queue"]["pending"], shown["queue"]["claimed"], shown["queue"]["completed"]) == (7, 1, 3)
     assert shown["queue"]["claims"][0]["owner"] == "operator"
-    assert shown["machines"] == [{"instance_id": machine, "role": "worker", "state": "running"}]
+    assert shown["machines"] == [{"instance_id": machine, "role": "worker", "job": "", "state": "running"}]
 
 
 def test_mount_shows_the_bucket_as_files_and_unmounts(own_emulator, project, tmp_path) -> None:
@@ -701,7 +723,7 @@ def test_worker_policy_allows_the_workers_job_and_nothing_else(enforcing_emulato
     assert _ok(_playbook("iam.yml", settings))["changed"] == 3
 
     # A user holding exactly the inline policy the iam step applied to the worker role.
-    document = admin["iam"].get_role_policy(RoleName=f"{name}-worker-role", PolicyName=f"{name}-worker-policy")
+    document = admin["iam"].get_role_policy(RoleName=f"{name}-xor-worker-role", PolicyName=f"{name}-xor-worker-policy")
     admin["iam"].create_user(UserName="worker")
     admin["iam"].put_user_policy(
         UserName="worker", PolicyName="worker", PolicyDocument=json.dumps(document["PolicyDocument"])
@@ -760,3 +782,24 @@ def test_worker_policy_allows_the_workers_job_and_nothing_else(enforcing_emulato
     _denied(worker["ec2"].run_instances, ImageId=ami, MinCount=1, MaxCount=1)
     _denied(worker["ec2"].terminate_instances, InstanceIds=[stranger])
     assert admin["s3"].get_object(Bucket=f"{name}-other", Key=f"{prefix}in3.dat")["Body"].read() == b"someone else's"
+
+    # A second job in the same bucket, under another prefix: each job's machines are refused the other's keys.
+    job = yaml.safe_load((ROOT / "jobs" / "xor.yml").read_text())["cicc_job"]
+    other = {**settings, "cicc_prefix": "run-2/", "cicc_job": {**job, "name": "other", "dataset": None}}
+    assert _ok(_playbook("iam.yml", other))["changed"] == 3
+    document = admin["iam"].get_role_policy(
+        RoleName=f"{name}-other-worker-role", PolicyName=f"{name}-other-worker-policy"
+    )
+    admin["iam"].create_user(UserName="other-worker")
+    admin["iam"].put_user_policy(
+        UserName="other-worker", PolicyName="worker", PolicyDocument=json.dumps(document["PolicyDocument"])
+    )
+    key = admin["iam"].create_access_key(UserName="other-worker")["AccessKey"]
+    other_s3 = _clients(endpoint, key["AccessKeyId"], key["SecretAccessKey"])["s3"]
+    admin["s3"].put_object(Bucket=bucket, Key="run-2/in3.dat", Body=b"job two's input")
+    assert other_s3.get_object(Bucket=bucket, Key="run-2/in3.dat")["Body"].read() == b"job two's input"
+    other_s3.put_object(Bucket=bucket, Key="run-2/locks/in3.dat", Body=b"{}", IfNoneMatch="*")
+    _denied(other_s3.get_object, Bucket=bucket, Key=f"{prefix}in3.dat")
+    _denied(other_s3.put_object, Bucket=bucket, Key=f"{prefix}locks/in4.dat", Body=b"{}")
+    _denied(s3.get_object, Bucket=bucket, Key="run-2/in3.dat")
+    _denied(s3.delete_object, Bucket=bucket, Key="run-2/locks/in3.dat")

@@ -70,8 +70,17 @@ def _lease_args(task: dict) -> dict:
     return {key: task[key] for key in ("name", "owner", "token", "etag", "attempts")}
 
 
+def _output(name: str) -> str:
+    return "out" + name[2:]
+
+
+def _complete_args(task: dict) -> dict:
+    """What task_complete takes: the lease, and the task's output (the seed's naming)."""
+    return {**_lease_args(task), "outputs": [_output(task["name"])]}
+
+
 def _publish(s3, bucket: str, name: str) -> None:
-    s3.put_object(Bucket=bucket, Key=tq.output_name(name), Body=b"output of " + name.encode())
+    s3.put_object(Bucket=bucket, Key=_output(name), Body=b"output of " + name.encode())
 
 
 @pytest.fixture
@@ -99,8 +108,13 @@ def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, emulat
     assert info["claims"][0]["instance_id"] == "i-0123456789abcdef0" and not info["claims"][0]["expired"]
 
     _publish(s3, queue_bucket, "in0.dat")
-    done = ok("task_complete", bucket=queue_bucket, **_lease_args(task))
-    assert done["changed"] and done["task"] == {"name": "in0.dat", "state": "completed", "output": "out0.dat"}
+    done = ok("task_complete", bucket=queue_bucket, **_complete_args(task))
+    assert done["changed"] and done["task"] == {
+        "name": "in0.dat",
+        "state": "completed",
+        "manifest": "manifests/in0.dat.json",
+        "outputs": ["out0.dat"],
+    }
     assert _keys(s3, queue_bucket, "locks/") == []
 
     info = ok("task_info", bucket=queue_bucket, compact=True)
@@ -141,7 +155,7 @@ def test_task_held_by_another_owner_is_not_claimed(s3, queue_bucket):
 def test_check_mode_writes_nothing(s3, queue_bucket):
     done = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
     _publish(s3, queue_bucket, done["name"])
-    ok("task_complete", bucket=queue_bucket, **_lease_args(done))  # in0.dat journaled, not compacted
+    ok("task_complete", bucket=queue_bucket, **_complete_args(done))  # in0.dat journaled, not compacted
     held = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
     assert held["name"] == "in1.dat"
     before = _snapshot(s3, queue_bucket)
@@ -151,11 +165,11 @@ def test_check_mode_writes_nothing(s3, queue_bucket):
     refused = ok("task_claim", check=True, bucket=queue_bucket, owner="w2", name="in1.dat")
     assert not refused["changed"] and not refused["claimed"] and "held by w1" in refused["reason"]
 
-    no_output = run_module("task_complete", check=True, bucket=queue_bucket, **_lease_args(held))
-    assert no_output["failed"] and "has no output out1.dat" in no_output["msg"]
+    no_output = run_module("task_complete", check=True, bucket=queue_bucket, **_complete_args(held))
+    assert no_output["failed"] and f"output s3://{queue_bucket}/out1.dat does not exist" in no_output["msg"]
     _publish(s3, queue_bucket, "in1.dat")
     before["out1.dat"] = _snapshot(s3, queue_bucket)["out1.dat"]
-    would_complete = ok("task_complete", check=True, bucket=queue_bucket, **_lease_args(held))
+    would_complete = ok("task_complete", check=True, bucket=queue_bucket, **_complete_args(held))
     assert would_complete["changed"] and would_complete["task"]["state"] == "completed"
 
     would_release = ok("task_release", check=True, bucket=queue_bucket, error="boom", **_lease_args(held))
@@ -227,22 +241,24 @@ def test_state_failed_records_the_reason(s3, queue_bucket):
 
 def test_complete_without_output_fails_clearly(s3, queue_bucket):
     task = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
+    result = run_module("task_complete", bucket=queue_bucket, **_complete_args(task))
+    assert result["failed"] and result["msg"] == f"output s3://{queue_bucket}/out0.dat does not exist; publish it first"
     result = run_module("task_complete", bucket=queue_bucket, **_lease_args(task))
-    assert result["failed"] and result["msg"] == "task in0.dat has no output out0.dat; publish it first"
+    assert result["failed"] and result["msg"] == "task in0.dat has no manifest: name its outputs (outputs) to write one"
     assert _keys(s3, queue_bucket, "journal/") == [] and _keys(s3, queue_bucket, "locks/") == ["locks/in0.dat"]
 
 
 def test_complete_twice_changes_nothing_the_second_time(s3, queue_bucket):
     task = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
     _publish(s3, queue_bucket, task["name"])
-    assert ok("task_complete", bucket=queue_bucket, **_lease_args(task))["changed"]
+    assert ok("task_complete", bucket=queue_bucket, **_complete_args(task))["changed"]
     journal = _snapshot(s3, queue_bucket)
-    second = ok("task_complete", bucket=queue_bucket, **_lease_args(task))
+    second = ok("task_complete", bucket=queue_bucket, **_complete_args(task))
     assert not second["changed"] and second["task"]["state"] == "completed"
     assert _snapshot(s3, queue_bucket) == journal
 
     ok("task_info", bucket=queue_bucket, compact=True)  # the journal entry is folded into completed.txt
-    third = ok("task_complete", bucket=queue_bucket, **_lease_args(task))
+    third = ok("task_complete", bucket=queue_bucket, **_complete_args(task))
     assert not third["changed"] and _keys(s3, queue_bucket, "journal/") == []
 
 
@@ -268,7 +284,7 @@ def test_token_finds_a_claim_whose_reply_was_lost(s3, queue_bucket):
     assert not stolen["claimed"]
 
     _publish(s3, queue_bucket, "in1.dat")
-    assert ok("task_complete", bucket=queue_bucket, **_lease_args(again))["changed"]
+    assert ok("task_complete", bucket=queue_bucket, **_complete_args(again))["changed"]
     assert _keys(s3, queue_bucket, "locks/") == []
 
 

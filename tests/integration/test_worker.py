@@ -4,6 +4,7 @@ workers at once, and fault-matrix rows 2, 4, 9 and 12 plus the bad inputs."""
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 
 from ansible_collections.cicc.cloud.plugins.module_utils import dataset
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+from conftest import xor_job
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,8 +79,8 @@ def test_seed_scenario_three_workers_with_the_processing_container(
 ):
     seed = dataset.build_dataset(seed=121325)
     _upload(s3, bucket, seed)
-    runner = worker_module.DockerRunner(process_image)
-    workers = [make_worker(runner, owner=f"i-seed{i}") for i in range(3)]
+    runner = worker_module.DockerRunner()
+    workers = [make_worker(runner, owner=f"i-seed{i}", slots=1) for i in range(3)]
     assert _run_all(workers) == [0, 0, 0]
 
     for i in range(10):
@@ -87,7 +89,16 @@ def test_seed_scenario_three_workers_with_the_processing_container(
         assert _body(s3, bucket, f"out{i}.dat") == seed[f"out{i}.dat"]  # untouched
     _assert_drained(s3, bucket, [f"in{i}.dat" for i in range(10)])
     assert sorted(sum((w.done for w in workers), [])) == [f"in{i}.dat" for i in range(3, 10)]
-    assert not docker_client.containers.list(all=True, filters={"label": "cicc.task"})
+    assert not docker_client.containers.list(all=True, filters={"label": ["cicc.task", "cicc.job=xor"]})
+    # Each done task has its manifest: the files, the input and the image that made them.
+    image_id = docker_client.images.get(process_image).id
+    for i in range(3, 10):
+        manifest = json.loads(_body(s3, bucket, f"manifests/in{i}.dat.json"))
+        assert [entry["key"] for entry in manifest["files"]] == [f"out{i}.dat"]
+        assert manifest["files"][0]["etag"] == s3.head_object(Bucket=bucket, Key=f"out{i}.dat")["ETag"]
+        assert manifest["input"]["etag"] == s3.head_object(Bucket=bucket, Key=f"in{i}.dat")["ETag"]
+        assert manifest["image"] == {"name": "cicc-process:latest", "id": image_id}
+        assert manifest["shared"][0]["key"] == "kernel.dat"
 
 
 def test_sixteen_workers_on_500_tasks_do_each_exactly_once(s3, bucket, make_worker, inline_runner):
@@ -116,22 +127,20 @@ def test_row2_killed_after_claiming_is_taken_over_once(s3, bucket, make_worker, 
 
 def _slow_program(tmp_path: Path, seconds: float) -> str:
     program = tmp_path / "slow_process.py"
-    program.write_text(
-        textwrap.dedent(
-            f"""
+    program.write_text(textwrap.dedent(f"""
             import runpy, sys, time
             time.sleep({seconds})
             sys.argv[0] = {str(ROOT / "container" / "process.py")!r}
             runpy.run_path(sys.argv[0], run_name="__main__")
-            """
-        )
-    )
+            """))
     return str(program)
 
 
 def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, emulator, tmp_path, make_worker, worker_module):
     _upload(s3, bucket, {"in1.dat": os.urandom(100), "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
-    argv = [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--bucket", bucket, "--endpoint-url", emulator]
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(xor_job(bucket).as_dict()))
+    argv = [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--job", str(job_file), "--endpoint-url", emulator]
     argv += ["--workdir", str(tmp_path / "paused"), "--lease-seconds", "2", "--instance-id", "i-paused"]
     argv += ["--runner", "process", "--program", _slow_program(tmp_path, 1.5)]
     paused = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT / ".collections")})
@@ -173,13 +182,15 @@ class SlowOnTheWire(io.FileIO):
             size = 65536
         return super().read(size)
 
-with SlowOnTheWire(path) as body:
-    tq.publish_output(s3, queue, lease, body)
+tq.open = lambda file, mode="r": SlowOnTheWire(file)
+tq.publish_file(s3, queue, lease, "out1.dat", path)
 print("published", flush=True)
 """
 
 
-def test_row6_worker_killed_mid_upload_leaves_no_partial_output(s3, bucket, emulator, tmp_path, make_worker, inline_runner):
+def test_row6_worker_killed_mid_upload_leaves_no_partial_output(
+    s3, bucket, emulator, tmp_path, make_worker, inline_runner
+):
     data = os.urandom(4 * 1024 * 1024)
     _upload(s3, bucket, {"in1.dat": data, "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
     output = tmp_path / "out1.dat"
@@ -207,16 +218,17 @@ def test_row6_worker_killed_mid_upload_leaves_no_partial_output(s3, bucket, emul
         ("import sys; sys.exit(9)", "exited with code 9"),
         ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "exited with code -9"),
         ("import time; time.sleep(30)", "timed out"),
-        ("print('done, honestly')", "without a SUCCESS report"),
+        ("print('done, honestly')", "wrote nothing"),
     ],
-    ids=["non-zero", "killed", "timeout", "no-report"],
+    ids=["non-zero", "killed", "timeout", "no-output"],
 )
-def test_row9_failing_processing_counts_attempts_then_fails(s3, bucket, tmp_path, make_worker, worker_module,
-                                                            program, reason):
+def test_row9_failing_processing_counts_attempts_then_fails(
+    s3, bucket, tmp_path, make_worker, worker_module, program, reason
+):
     _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
     script = tmp_path / "broken.py"
     script.write_text(program)
-    worker = make_worker(worker_module.ProcessRunner(str(script)), max_attempts=2, task_timeout=1)
+    worker = make_worker(worker_module.ProcessRunner(str(script)), attempts=2, timeout_seconds=1)
     assert worker.run() == 0
     assert sorted(worker.failed) == ["in1.dat", "in2.dat"]
     record = json.loads(_body(s3, bucket, "failed/in1.dat.json"))
@@ -230,11 +242,27 @@ def test_row9_failing_processing_counts_attempts_then_fails(s3, bucket, tmp_path
 def test_row12_empty_or_finished_queue_every_worker_exits(s3, bucket, make_worker, inline_runner):
     _upload(s3, bucket, {"kernel.dat": b"k", "tasklist.txt": b""})
     assert _run_all([make_worker(inline_runner, owner=f"w{i}") for i in range(3)]) == [0, 0, 0]
-    _upload(s3, bucket, {"in1.dat": b"a", "out1.dat": b"done before", "tasklist.txt": b"in1.dat\n"})
+    # Done before: its manifest says so (an output alone would not).
+    manifest = json.dumps({"task": "in1.dat", "files": [{"name": "out1.dat", "key": "out1.dat"}]}).encode()
+    _upload(s3, bucket, {"in1.dat": b"a", "out1.dat": b"done before", "manifests/in1.dat.json": manifest})
+    _upload(s3, bucket, {"tasklist.txt": b"in1.dat\n"})
     assert _run_all([make_worker(inline_runner, owner=f"w{i}") for i in range(3)]) == [0, 0, 0]
     assert inline_runner.runs == []
     _assert_drained(s3, bucket, ["in1.dat"])
     assert _body(s3, bucket, "out1.dat") == b"done before"
+
+
+def test_output_left_by_another_run_is_never_overwritten(s3, bucket, make_worker, inline_runner):
+    """An output key holding other bytes (an earlier run on other inputs): the task fails saying so, the
+    object stays; one holding the very bytes this run makes (an attempt that died before its manifest) counts."""
+    _upload(s3, bucket, {"kernel.dat": b"k", "in1.dat": b"abc", "in2.dat": b"xyz", "out1.dat": b"stale"})
+    _upload(s3, bucket, {"out2.dat": bytes(a ^ ord("k") for a in b"xyz"), "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    worker = make_worker(inline_runner)
+    assert worker.run() == 0
+    assert worker.failed == ["in1.dat"] and worker.done == ["in2.dat"]
+    assert _body(s3, bucket, "out1.dat") == b"stale"
+    assert "exists with other content" in json.loads(_body(s3, bucket, "failed/in1.dat.json"))["reason"]
+    assert json.loads(_body(s3, bucket, "manifests/in2.dat.json"))["files"][0]["key"] == "out2.dat"
 
 
 def test_task_limit_stops_the_worker_and_leaves_the_rest(s3, bucket, make_worker, inline_runner, caplog):
@@ -290,11 +318,14 @@ class NoticeDuringTask:
         self.cancelled = threading.Event()
         self.runs: list[str] = []
 
-    def run(self, task_dir, name, kernel, output, timeout) -> str:
-        self.runs.append(name)
+    def prepare(self, job, fetch) -> str:
+        return ""
+
+    def run(self, job, task, dirs, image_id):
+        self.runs.append(task)
         self.metadata.notice.set()
-        if not self.cancelled.wait(timeout):
-            return "SUCCESS (never cancelled)"
+        if not self.cancelled.wait(job.timeout_seconds):
+            raise AssertionError("never cancelled")
         raise self.error("processing stopped")
 
     def cancel(self) -> None:
@@ -308,11 +339,11 @@ def test_row10_spot_notice_gives_back_the_task_and_stops(s3, bucket, make_worker
     metadata = FakeMetadata()
     try:
         runner = NoticeDuringTask(metadata, worker_module)
-        worker = make_worker(runner, "spot", spot_watch=True, metadata_url=metadata.url, spot_poll_seconds=1)
+        worker = make_worker(runner, "spot", spot_watch=True, metadata_url=metadata.url, spot_poll_seconds=1, slots=2)
         with caplog.at_level("INFO", logger="cicc-worker"):
             assert worker.run() == 0
-            # One claim, cancelled and given back: no output, no lock, no failure.
-            assert len(runner.runs) == 1 and runner.cancelled.is_set()
+            # One claim a slot, cancelled and given back: no output, no lock, no failure.
+            assert worker.slots == 2 and len(runner.runs) == 2 and runner.cancelled.is_set()
             assert "spot interruption: 0 completed, 0 failed by spot" in caplog.text
             assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "failed/") == []
             assert not [key for key in _keys(s3, bucket) if key.startswith("out")]
@@ -322,7 +353,7 @@ def test_row10_spot_notice_gives_back_the_task_and_stops(s3, bucket, make_worker
         metadata.shutdown()
     assert sorted(inline_runner.runs) == names
     _assert_drained(s3, bucket, names)
-    assert caplog.text.count("(attempt 1)") == 3 and "(attempt 2)" not in caplog.text
+    assert caplog.text.count("(attempt 1)") == 4 and "(attempt 2)" not in caplog.text
 
 
 def test_row11_refused_termination_falls_back_to_shutdown(worker_module, monkeypatch) -> None:
@@ -337,7 +368,7 @@ def test_row11_refused_termination_falls_back_to_shutdown(worker_module, monkeyp
 
     commands = []
     monkeypatch.setattr(worker_module.subprocess, "run", lambda argv, **kwargs: commands.append(argv))
-    worker_module.terminate_self(worker_module.Settings(bucket="b", instance_id="i-1"), Refusing())
+    worker_module.terminate_self(worker_module.Settings(instance_id="i-1"), Refusing())
     assert commands == [["systemctl", "poweroff"]]
 
 
@@ -365,3 +396,132 @@ def test_unusable_kernel_claims_nothing(s3, bucket, make_worker, inline_runner, 
         _upload(s3, bucket, {"kernel.dat": kernel})
     assert make_worker(inline_runner).run() == 2
     assert _keys(s3, bucket, "locks/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\n"
+
+
+# --- jobs: exit-code rules, slots, a bad job, an image from the bucket ------------------------------------
+
+
+def test_exit_code_rules_retry_or_fail_at_once(s3, bucket, tmp_path, make_worker, worker_module):
+    """As AWS Batch's evaluateOnExit: the first matching rule decides; 75 retries up to the attempts, 1 fails at once."""
+    _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    script = tmp_path / "exits.py"
+    script.write_text("import sys\nsys.exit(75 if any(arg.endswith('in1.dat') for arg in sys.argv) else 1)\n")
+    rules = [{"on_exit_code": "75", "action": "retry"}, {"on_exit_code": "*", "action": "fail"}]
+    job = xor_job(bucket, retry={"attempts": 3, "evaluate_on_exit": rules})
+    worker = make_worker(worker_module.ProcessRunner(str(script)), job=job, slots=1)
+    assert worker.run() == 0
+    retried = json.loads(_body(s3, bucket, "failed/in1.dat.json"))
+    assert retried["attempts"] == 3 and "gave up after 3 attempts" in retried["reason"]
+    assert "exited with code 75 (retry by the job's rules)" in retried["reason"]
+    failed = json.loads(_body(s3, bucket, "failed/in2.dat.json"))
+    assert failed["attempts"] == 1 and "exited with code 1 (fail by the job's rules)" in failed["reason"]
+    assert sorted(worker.failed) == ["in1.dat", "in2.dat"] and _keys(s3, bucket, "locks/") == []
+
+
+def test_slots_run_two_tasks_of_one_machine_at_once(s3, bucket, make_worker, inline_runner, worker_module):
+    """Two slots on this 2-vCPU machine for a job of 1 CPU: two tasks in flight at once, each done once."""
+    names = [f"in{i}.dat" for i in range(6)]
+    _upload(s3, bucket, {"kernel.dat": b"k", **{name: name.encode() for name in names}})
+    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    together = threading.Barrier(2, timeout=20)
+
+    class InPairs:
+        def prepare(self, job, fetch):
+            return ""
+
+        def run(self, job, task, dirs, image_id):
+            together.wait()  # returns only when the other slot is running a task too
+            return inline_runner.run(job, task, dirs, image_id)
+
+        def cancel(self):
+            pass
+
+    worker = make_worker(InPairs())
+    assert worker.run() == 0
+    assert worker.slots == 2
+    assert sorted(inline_runner.runs) == names and sorted(worker.done) == names
+    owners = {json.loads(_body(s3, bucket, f"manifests/{name}.json"))["owner"] for name in names}
+    assert owners == {"w1#0", "w1#1"}
+    _assert_drained(s3, bucket, names)
+
+
+def test_a_bad_job_at_boot_claims_nothing_and_says_why(s3, bucket, emulator, tmp_path):
+    bad = {**xor_job(bucket).as_dict(), "name": "Bad Name", "cpus": 0}
+    _upload(s3, bucket, {"job.json": json.dumps(bad).encode(), "in1.dat": b"x", "kernel.dat": b"k"})
+    _upload(s3, bucket, {"tasklist.txt": b"in1.dat\n"})
+    argv = [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--job", f"s3://{bucket}/job.json"]
+    argv += ["--endpoint-url", emulator, "--workdir", str(tmp_path), "--instance-id", "i-badjob"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    log = _body(s3, bucket, "logs/i-badjob/log.txt").decode()
+    assert f"the job s3://{bucket}/job.json is refused" in log and "no task claimed" in log
+    assert "name is 'Bad Name'" in log and "cpus is 0" in log
+    assert _keys(s3, bucket, "locks/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\n"
+
+
+@pytest.fixture(scope="module")
+def summary_archive(tmp_path_factory, docker_client):
+    """The summary job's image as `docker save` made it, and its ID."""
+    archive = tmp_path_factory.mktemp("images") / "cicc-summary.tar"
+    built = subprocess.run(
+        [
+            str(ROOT / "scripts" / "process-image.sh"),
+            "container/summary",
+            "cicc-summary:latest",
+            "--save",
+            str(archive),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return archive, built.stdout.split()[-1]
+
+
+def _summary_job(bucket: str, **image):
+    import yaml
+
+    from ansible_collections.cicc.cloud.plugins.module_utils import job as jobs
+
+    data = yaml.safe_load((ROOT / "jobs" / "summary.yml").read_text())["cicc_job"]
+    data["bucket"] = bucket
+    data["image"] = {**data["image"], **image}
+    return jobs.load(data)
+
+
+def test_summary_job_image_comes_from_the_bucket(
+    s3, bucket, make_worker, worker_module, docker_client, summary_archive
+):
+    """The second example job: its image loaded from the archive in the bucket (checked by ID), two outputs a
+    task, each recomputed here independently."""
+    import hashlib
+
+    archive, image_id = summary_archive
+    inputs = {f"in{i}.dat": os.urandom(1000 * (i + 1)) for i in range(3)}
+    _upload(s3, bucket, {**inputs, "kernel.dat": b"not an input"})
+    s3.upload_file(str(archive), bucket, "summary/images/cicc-summary.tar")
+    job = _summary_job(bucket, digest=image_id)
+    queue = tq.Queue(bucket, job.prefix, input_prefix=job.input_prefix)
+    assert tq.add_tasks(s3, queue, tq.list_inputs(s3, queue, job.tasks_pattern)) == sorted(inputs)
+    docker_client.images.remove("cicc-summary:latest")  # the machine does not have it: the bucket brings it
+
+    worker = make_worker(worker_module.DockerRunner(), owner="i-summary", job=job)
+    assert worker.run() == 0 and sorted(worker.done) == sorted(inputs)
+    assert docker_client.images.get("cicc-summary:latest").id == image_id
+    for name, data in inputs.items():
+        summary = json.loads(_body(s3, bucket, f"summary/results/{name}/summary.json"))
+        assert summary["size"] == len(data) and summary["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (summary["min"], summary["max"]) == (min(data), max(data))
+        histogram = np.load(io.BytesIO(_body(s3, bucket, f"summary/results/{name}/histogram.npy")))
+        assert histogram.tolist() == [data.count(value) for value in range(256)]
+        manifest = json.loads(_body(s3, bucket, f"summary/manifests/{name}.json"))
+        assert manifest["image"]["id"] == image_id
+        assert sorted(entry["name"] for entry in manifest["files"]) == ["histogram.npy", "summary.json"]
+    assert sorted(_body(s3, bucket, "summary/completed.txt").decode().split()) == sorted(inputs)
+
+    # An archive that is not the image the job names by ID: refused before any claim.
+    _upload(s3, bucket, {"summary/tasklist.txt": b"in9.dat\n", "in9.dat": b"pending"})
+    wrong = _summary_job(bucket, digest="sha256:" + "0" * 64)
+    assert make_worker(worker_module.DockerRunner(), owner="i-wrong", job=wrong).run() == 2
+    assert _keys(s3, bucket, "summary/locks/") == [] and _body(s3, bucket, "summary/tasklist.txt") == b"in9.dat\n"

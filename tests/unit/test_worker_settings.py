@@ -1,42 +1,50 @@
-"""The boot worker's settings: the settings file, and job parameters from an instance's user data."""
+"""The boot worker's settings: the settings file, and the job and its limits from an instance's user data."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
 
 @pytest.fixture
 def settings(worker_module):
-    return worker_module.Settings(bucket="work")
+    return worker_module.Settings()
 
 
-def test_job_parameters_from_user_data(settings) -> None:
-    notes = settings.apply_job('{"max_tasks": 1, "spectator_pause": 0}')
-    assert (settings.max_tasks, settings.spectator_pause) == (1, 0)
-    assert notes == ["user data sets max_tasks to 1", "user data sets spectator_pause to 0"]
+def test_job_and_limits_from_user_data(settings) -> None:
+    notes = settings.apply_user_data('{"job": "s3://work/xor/job.json", "max_tasks": 1, "slots": 2}')
+    assert (settings.job, settings.max_tasks, settings.slots) == ("s3://work/xor/job.json", 1, 2)
+    assert [text for _level, text in notes] == [
+        "user data sets job to s3://work/xor/job.json",
+        "user data sets max_tasks to 1",
+        "user data sets slots to 2",
+    ]
 
 
 @pytest.mark.parametrize(
     ("user_data", "note"),
     [
-        ('{"bucket": "elsewhere"}', "user data sets 'bucket', which is not a job parameter"),
+        ('{"bucket": "elsewhere"}', "user data sets 'bucket', which it may not"),
+        ('{"job": "work/job.json"}', "user data sets job to 'work/job.json', not an s3://BUCKET/KEY"),
         ('{"max_tasks": -1}', "user data sets max_tasks to -1, not a whole number of 0 or more: ignored"),
         ('{"max_tasks": "1"}', "user data sets max_tasks to '1', not a whole number"),
         ('{"max_tasks": true}', "user data sets max_tasks to True, not a whole number"),
-        ("#!/bin/sh\necho hello", "user data is not a JSON object of job parameters: ignored"),
-        ("[1]", "user data is not a JSON object of job parameters: ignored"),
+        ("#!/bin/sh\necho hello", "user data is not a JSON object naming a job: ignored"),
+        ("[1]", "user data is not a JSON object naming a job: ignored"),
     ],
 )
 def test_user_data_that_is_not_a_job_is_ignored_and_said(settings, user_data: str, note: str) -> None:
-    notes = settings.apply_job(user_data)
-    assert len(notes) == 1 and notes[0].startswith(note) and notes[0].endswith("ignored")
-    assert (settings.bucket, settings.max_tasks) == ("work", 0)
+    notes = settings.apply_user_data(user_data)
+    assert len(notes) == 1
+    level, text = notes[0]
+    assert level == logging.WARNING and text.startswith(note) and text.endswith("ignored")
+    assert (settings.job, settings.max_tasks) == ("", 0)
 
 
 def test_no_user_data_changes_nothing(settings) -> None:
-    assert settings.apply_job("") == [] and settings.apply_job("\n") == []
+    assert settings.apply_user_data("") == [] and settings.apply_user_data("\n") == []
     assert settings.max_tasks == 0
 
 
@@ -49,8 +57,8 @@ def test_identity_file_gives_instance_and_user_data(worker_module, settings, tmp
 
 def test_settings_file_rejects_unknown_keys(worker_module, tmp_path) -> None:
     path = tmp_path / "worker.json"
-    path.write_text(json.dumps({"bucket": "work", "max_task": 1}))
-    with pytest.raises(ValueError, match="unknown settings in .*: max_task"):
+    path.write_text(json.dumps({"region": "eu-west-1", "max_task": 1, "bucket": "work"}))
+    with pytest.raises(ValueError, match="unknown settings in .*: bucket, max_task"):
         worker_module.Settings.load(str(path), {})
-    path.write_text(json.dumps({"bucket": "work", "max_tasks": 1}))
+    path.write_text(json.dumps({"region": "eu-west-1", "max_tasks": 1}))
     assert worker_module.Settings.load(str(path), {}).max_tasks == 1

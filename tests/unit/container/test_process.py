@@ -412,6 +412,182 @@ def test_runs_as_a_script(work: Path) -> None:
     assert (work / "out3.dat").read_bytes() == _expected(work)
 
 
+# ---------------------------------------------------------------------------------------------- separate directories
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A job's layout: the input in input/, the kernel in shared/, an empty output/."""
+    input_dir, shared_dir, output_dir = tmp_path / "input", tmp_path / "shared", tmp_path / "output"
+    for directory in (input_dir, shared_dir, output_dir):
+        directory.mkdir()
+    (input_dir / "in3.dat").write_bytes(_random(2500, seed=10).tobytes())
+    (shared_dir / "kernel.dat").write_bytes(_random(1000, seed=11).tobytes())
+    return input_dir, shared_dir, output_dir
+
+
+def _job_argv(input_dir: Path, shared_dir: Path, output_dir: Path, output: str = "out3.dat") -> list[str]:
+    inputs = ["--data", str(input_dir), "--input", "in3.dat", "--kernel-dir", str(shared_dir), "--kernel", "kernel.dat"]
+    return inputs + ["--output-dir", str(output_dir), "--output", output]
+
+
+def _snapshot(*directories: Path) -> dict[str, bytes]:
+    return {str(path): path.read_bytes() for directory in directories for path in sorted(directory.iterdir())}
+
+
+def _job_expected(input_dir: Path, shared_dir: Path) -> bytes:
+    data = np.fromfile(input_dir / "in3.dat", dtype=np.uint8)
+    return _reference(data, np.fromfile(shared_dir / "kernel.dat", dtype=np.uint8)).tobytes()
+
+
+def test_separate_directories(job: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    input_dir, shared_dir, output_dir = job
+    before = _snapshot(input_dir, shared_dir)
+
+    assert process.main(_job_argv(*job)) == process.EXIT_OK
+
+    out, err = capsys.readouterr()
+    assert (_one_line(out), err) == ("SUCCESS in3.dat -> out3.dat 2500 bytes", "")
+    assert os.listdir(output_dir) == ["out3.dat"], "the output only, no temp file"
+    assert (output_dir / "out3.dat").read_bytes() == _job_expected(input_dir, shared_dir)
+    assert _snapshot(input_dir, shared_dir) == before, "nothing may change in the input or kernel directory"
+
+
+def test_separate_directories_create_files_only_in_the_output_dir(
+    job: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not even a temp file that is removed again appears outside the output directory."""
+    input_dir, shared_dir, output_dir = job
+    created: list[str] = []
+    real_open = os.open
+
+    def spying_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            created.append(os.path.dirname(os.fspath(path)))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(process.os, "open", spying_open)
+    assert process.main(_job_argv(*job)) == process.EXIT_OK
+    monkeypatch.undo()
+
+    assert created == [str(output_dir)]
+
+
+def test_run_takes_the_directories_as_keywords(job: tuple[Path, Path, Path]) -> None:
+    input_dir, shared_dir, output_dir = job
+
+    size = process.run(
+        str(input_dir), "in3.dat", "kernel.dat", "o.dat", kernel_dir=str(shared_dir), output_dir=str(output_dir)
+    )
+
+    assert size == 2500
+    assert (output_dir / "o.dat").read_bytes() == _job_expected(input_dir, shared_dir)
+
+
+def test_output_may_take_the_input_or_kernel_name_in_another_directory(job: tuple[Path, Path, Path]) -> None:
+    input_dir, shared_dir, output_dir = job
+    before = _snapshot(input_dir, shared_dir)
+
+    assert process.main(_job_argv(*job, output="in3.dat")) == process.EXIT_OK
+    assert process.main(_job_argv(*job, output="kernel.dat")) == process.EXIT_OK
+
+    assert sorted(os.listdir(output_dir)) == ["in3.dat", "kernel.dat"]
+    assert (output_dir / "in3.dat").read_bytes() == _job_expected(input_dir, shared_dir)
+    assert _snapshot(input_dir, shared_dir) == before
+
+
+def test_defaults_put_kernel_and_output_in_the_data_directory(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --kernel-dir and --output-dir everything is in --data, exactly as before they existed."""
+    args = process.build_parser().parse_args(["--data", str(work), "--input", "a", "--kernel", "b", "--output", "c"])
+    assert (args.kernel_dir, args.output_dir) == (None, None)
+
+    assert _run(work) == process.EXIT_OK
+
+    assert _one_line(capsys.readouterr().out) == "SUCCESS in3.dat -> out3.dat 2500 bytes"
+    assert sorted(os.listdir(work)) == ["in3.dat", "kernel.dat", "out3.dat"]
+    assert (work / "out3.dat").read_bytes() == _expected(work)
+
+
+def test_explicit_directories_equal_to_data_behave_as_the_defaults(work: Path) -> None:
+    argv = ["--data", str(work), "--input", "in3.dat", "--kernel-dir", str(work), "--kernel", "kernel.dat"]
+
+    assert process.main(argv + ["--output-dir", str(work), "--output", "out3.dat"]) == process.EXIT_OK
+    assert (work / "out3.dat").read_bytes() == _expected(work)
+
+
+def _same_directory_spellings(work: Path) -> dict[str, str]:
+    link = work.parent / (work.name + "-link")
+    link.symlink_to(work)
+    return {"trailing-slash": str(work) + "/", "dot-segment": f"{work}/./", "symlink": str(link)}
+
+
+@pytest.mark.parametrize("spelling", ["trailing-slash", "dot-segment", "symlink"])
+@pytest.mark.parametrize("target", ["in3.dat", "kernel.dat"])
+def test_output_on_the_same_path_as_input_or_kernel_is_refused(
+    work: Path, capsys: pytest.CaptureFixture[str], spelling: str, target: str
+) -> None:
+    output_dir = _same_directory_spellings(work)[spelling]
+    before = _snapshot(work)
+    argv = ["--data", str(work), "--input", "in3.dat", "--kernel-dir", str(work), "--kernel", "kernel.dat"]
+
+    assert process.main(argv + ["--output-dir", output_dir, "--output", target]) == process.EXIT_USAGE
+
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("process.py: usage error: output ") and "must differ" in line, line
+    assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize(
+    ("role", "option"),
+    [pytest.param("kernel", "--kernel-dir", id="kernel-dir"), pytest.param("output", "--output-dir", id="output-dir")],
+)
+@pytest.mark.parametrize("kind", ["absent", "a-file"])
+def test_missing_kernel_or_output_directory_is_a_usage_error(
+    job: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str], role: str, option: str, kind: str
+) -> None:
+    input_dir, shared_dir, output_dir = job
+    bad = input_dir.parent / "absent"
+    if kind == "a-file":
+        bad.write_bytes(b"not a directory")
+    argv = _job_argv(*job)
+    argv[argv.index(option) + 1] = str(bad)
+    before = _snapshot(input_dir, shared_dir, output_dir)
+
+    assert process.main(argv) == process.EXIT_USAGE
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert _one_line(err) == f"process.py: usage error: {role} directory {bad} does not exist or is not a directory"
+    assert _snapshot(input_dir, shared_dir, output_dir) == before
+
+
+def test_missing_kernel_names_the_kernel_directory(
+    job: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    input_dir, shared_dir, output_dir = job
+    (shared_dir / "kernel.dat").unlink()
+
+    assert process.main(_job_argv(*job)) == process.EXIT_NO_KERNEL
+
+    line = _one_line(capsys.readouterr().err)
+    assert line == f"process.py: kernel {shared_dir}/kernel.dat does not exist: stage it in the kernel directory first"
+    assert os.listdir(output_dir) == []
+
+
+def test_write_failure_in_the_output_directory_leaves_nothing(
+    job: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    input_dir, shared_dir, output_dir = job
+    (output_dir / "out3.dat").mkdir()
+    before = _snapshot(input_dir, shared_dir)
+
+    assert process.main(_job_argv(*job)) == process.EXIT_CANNOT_WRITE
+
+    assert _one_line(capsys.readouterr().err).startswith(f"process.py: cannot write output {output_dir}/out3.dat:")
+    assert os.listdir(output_dir) == ["out3.dat"] and (output_dir / "out3.dat").is_dir()
+    assert _snapshot(input_dir, shared_dir) == before
+
+
 # ---------------------------------------------------------------------------------------------- the real image
 
 
@@ -478,3 +654,37 @@ def test_image_reports_missing_input(docker_client, process_image: str, tmp_path
     assert out == ""
     assert _one_line(err) == "process.py: input /data/in3.dat does not exist: stage it in the data directory first"
     assert os.listdir(tmp_path) == ["kernel.dat"]
+
+
+def test_image_runs_the_job_layout(docker_client, process_image: str, tmp_path: Path) -> None:
+    """The XOR job's command in a job's mounts: --data on the command line replaces the entrypoint's /data."""
+    input_dir, shared_dir, output_dir = tmp_path / "input", tmp_path / "shared", tmp_path / "output"
+    for directory in (input_dir, shared_dir, output_dir):
+        directory.mkdir()
+    data, kernel = _random(2_000_000, seed=12), _random(1000, seed=13)
+    (input_dir / "in3.dat").write_bytes(data.tobytes())
+    (shared_dir / "kernel.dat").write_bytes(kernel.tobytes())
+    container = docker_client.containers.run(
+        process_image,
+        ["--data", "/cicc/input", "--input", "in3.dat", "--kernel-dir", "/cicc/shared", "--kernel", "kernel.dat"]
+        + ["--output-dir", "/cicc/output", "--output", "out3.dat"],
+        volumes={
+            str(input_dir): {"bind": "/cicc/input", "mode": "ro"},
+            str(shared_dir): {"bind": "/cicc/shared", "mode": "ro"},
+            str(output_dir): {"bind": "/cicc/output", "mode": "rw"},
+        },
+        network_mode="none",
+        detach=True,
+    )
+    try:
+        status = container.wait(timeout=120)["StatusCode"]
+        out = container.logs(stdout=True, stderr=False).decode()
+        err = container.logs(stdout=False, stderr=True).decode()
+    finally:
+        container.remove(force=True)
+
+    assert status == 0, err
+    assert _one_line(out) == "SUCCESS in3.dat -> out3.dat 2000000 bytes"
+    assert os.listdir(output_dir) == ["out3.dat"]
+    assert (output_dir / "out3.dat").read_bytes() == _reference(data, kernel).tobytes()
+    assert os.listdir(input_dir) == ["in3.dat"] and os.listdir(shared_dir) == ["kernel.dat"]

@@ -208,7 +208,7 @@ def test_lists_are_what_the_queue_reads() -> None:
     assert parsed.names == [f"in{i}.dat" for i in range(3, 10)]
     assert parsed.rejected == [] and parsed.comments == []
     for name in tq.parse_tasklist(objects["completed.txt"]).names:
-        assert tq.output_name(name) in objects
+        assert ds.output_name(int(name[2:-4])) in objects
 
 
 # --- argument validation ---------------------------------------------------------------------------

@@ -25,6 +25,15 @@ def queue(bucket) -> tq.Queue:
     return tq.Queue(bucket, lease_seconds=30, max_attempts=2)
 
 
+def _publish(s3, queue: tq.Queue, lease: tq.Lease, body: bytes, tmp_path, key: str = "") -> bool:
+    """Publish one output of ``lease`` (out<N>.dat by default), then its manifest; True if the manifest is new."""
+    key = key or queue.key("out" + lease.name[2:])
+    path = tmp_path / f"{lease.name}.out"
+    path.write_bytes(body)
+    entry = tq.publish_file(s3, queue, lease, key, path)
+    return tq.publish_manifest(s3, queue, lease, {"files": [entry]})
+
+
 def _seed(s3, queue: tq.Queue, names: list[str], tasklist: bytes | None = None) -> None:
     for name in names:
         s3.put_object(Bucket=queue.bucket, Key=queue.key(name), Body=name.encode())
@@ -60,14 +69,6 @@ def test_name_problem(name, problem):
 
 
 @pytest.mark.parametrize(
-    "name, output",
-    [("in3.dat", "out3.dat"), ("in.dat", "out.dat"), ("data7.bin", "out_data7.bin"), ("in", "out_in")],
-)
-def test_output_name(name, output):
-    assert tq.output_name(name) == output
-
-
-@pytest.mark.parametrize(
     "raw, names, rejected",
     [
         (b"in3.dat\nin4.dat\n", ["in3.dat", "in4.dat"], []),
@@ -93,13 +94,14 @@ def test_parse_tasklist(raw, names, rejected):
 # --- claim, lease, complete -----------------------------------------------------------------------
 
 
-def test_claim_complete_and_compact_keep_lists_exact(s3, queue):
+def test_claim_complete_and_compact_keep_lists_exact(s3, queue, tmp_path):
     _seed(s3, queue, ["in1.dat", "in2.dat"])
     lease = tq.claim(s3, queue, "in1.dat", "w1")
     assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "w1"
-    with pytest.raises(tq.QueueError, match="no output"):
+    with pytest.raises(tq.QueueError, match="no manifest"):
         tq.complete(s3, queue, lease)
-    assert tq.publish_output(s3, queue, lease, b"result") is True
+    assert _publish(s3, queue, lease, b"result", tmp_path) is True
+    assert tq.read_manifest(s3, queue, "in1.dat")["files"][0]["key"] == "out1.dat"
     tq.complete(s3, queue, lease)
     tq.complete(s3, queue, lease)  # idempotent
     assert _keys(s3, queue.bucket, "locks/") == []
@@ -112,15 +114,20 @@ def test_claim_complete_and_compact_keep_lists_exact(s3, queue):
     assert (status["pending"], status["completed"], status["claimed"]) == (1, 1, 0)
 
 
-def test_live_lease_conflicts_and_output_is_never_overwritten(s3, queue):
+def test_live_lease_conflicts_and_output_is_never_overwritten(s3, queue, tmp_path):
     _seed(s3, queue, ["in1.dat"])
     lease = tq.claim(s3, queue, "in1.dat", "w1")
     for take_over in (False, True):
         with pytest.raises(tq.ClaimConflict):
             tq.claim(s3, queue, "in1.dat", "w2", take_over=take_over)
     s3.put_object(Bucket=queue.bucket, Key="out1.dat", Body=b"first")
-    assert tq.publish_output(s3, queue, lease, b"second") is False
+    with pytest.raises(tq.OutputConflict, match="exists with other content"):
+        _publish(s3, queue, lease, b"second", tmp_path)
     assert _body(s3, queue.bucket, "out1.dat") == b"first"
+    assert tq.read_manifest(s3, queue, "in1.dat") is None
+    # The same bytes are taken as published (an attempt that died before its manifest), once.
+    assert _publish(s3, queue, lease, b"first", tmp_path) is True
+    assert _publish(s3, queue, lease, b"first", tmp_path) is False
 
 
 def test_row1_many_workers_claim_the_same_task_at_once(emulator, s3, queue):
@@ -144,11 +151,11 @@ def test_row1_many_workers_claim_the_same_task_at_once(emulator, s3, queue):
     assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == winners[0].owner
 
 
-def test_row3_output_uploaded_then_worker_died(s3, bucket):
+def test_row3_output_uploaded_then_worker_died(s3, bucket, tmp_path):
     queue = tq.Queue(bucket, lease_seconds=1)
     _seed(s3, queue, ["in1.dat"])
     dead = tq.claim(s3, queue, "in1.dat", "dead")
-    assert tq.publish_output(s3, queue, dead, b"result")
+    assert _publish(s3, queue, dead, b"result", tmp_path)
     time.sleep(2.2)  # the dead worker's lease runs out by S3's clock
     with pytest.raises(tq.TaskFinished) as finished:
         tq.claim(s3, queue, "in1.dat", "next")
@@ -177,7 +184,7 @@ def test_row5_worker_clock_off_by_ten_minutes(s3, bucket, monkeypatch, skew):
     assert (taken.owner, taken.attempts) == ("skewed", 2)
 
 
-def test_row4_paused_worker_loses_its_lease_and_cannot_write(s3, bucket):
+def test_row4_paused_worker_loses_its_lease_and_cannot_write(s3, bucket, tmp_path):
     queue = tq.Queue(bucket, lease_seconds=1)
     _seed(s3, queue, ["in1.dat"])
     paused = tq.claim(s3, queue, "in1.dat", "paused")
@@ -188,7 +195,7 @@ def test_row4_paused_worker_loses_its_lease_and_cannot_write(s3, bucket):
         tq.renew(s3, queue, paused)
     paused.renewed_at -= 10  # resumed after a long pause: it must check before publishing
     with pytest.raises(tq.LeaseLost):
-        tq.publish_output(s3, queue, paused, b"late")
+        _publish(s3, queue, paused, b"late", tmp_path)
     assert "out1.dat" not in _keys(s3, queue.bucket)
     assert tq._delete_lock(s3, queue, paused) is False
     assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "new"
