@@ -23,8 +23,9 @@ Machine settings come from a JSON file (--config, written by the worker role) an
 instance id from IMDSv2 on EC2, or from the identity file on the local cloud. Credentials come from
 the instance profile through boto3's usual chain: never from a file or the user data.
 
-On a spot interruption notice it stops claiming, gives back the tasks in progress (the attempt does
-not count) and exits within the notice.
+On a spot interruption notice, or SIGTERM/SIGINT (systemctl stop, a shutdown, Ctrl-C), it stops
+claiming, stops its containers, gives back the tasks in progress (the attempt does not count) and
+exits within seconds; a second signal exits at once. After a signal the exit action is not run.
 
 Exit codes: 0 queue drained (or the task limit reached, or a spot interruption), 1 unexpected
 error, 2 bad settings, a bad job, or a queue that cannot be worked (a shared file or the image is
@@ -38,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -238,12 +240,15 @@ class Prefetch(threading.Thread):
 
 
 class DockerRunner:
-    """Runs the job's image on a staged task: input and shared files read-only, the output writable."""
+    """Runs the job's image on a staged task: input and shared files read-only, the output writable.
+    Its containers carry the label cicc.worker=<owner>, so that none outlives its worker: a worker
+    starting removes those an earlier run of the same owner left (killed before it could)."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "") -> None:
         import docker  # the docker SDK: only needed where containers run
 
         self.client = docker.from_env()
+        self.owner = owner
         self._running: dict[int, object] = {}
         self._lock = threading.Lock()
 
@@ -252,6 +257,10 @@ class DockerRunner:
         the job's bucket (the archive). Raises Unworkable when the image cannot be had."""
         import docker.errors
 
+        if self.owner:
+            for left in self.client.containers.list(all=True, filters={"label": f"cicc.worker={self.owner}"}):
+                LOG.warning("removing container %s left by an earlier run of this worker", left.short_id)
+                left.remove(force=True)
         try:
             if job.image_source == "archive":
                 image = self._load_archive(job, fetch)
@@ -304,7 +313,7 @@ class DockerRunner:
             network_mode="none",
             nano_cpus=int(job.cpus * 1e9),
             mem_limit=f"{job.memory_mib}m",
-            labels={"cicc.task": task, "cicc.job": job.name},
+            labels={"cicc.task": task, "cicc.job": job.name, "cicc.worker": self.owner},
             detach=True,
         )
         with self._lock:
@@ -460,6 +469,9 @@ class Worker:
         self._lock = threading.Lock()
         self._rejected: list[tuple[str, str]] = []
         self._shared: list[dict] = []
+        self._held: set[str] = set()
+        self._stop = threading.Event()
+        self._stop_reason = ""
 
     @property
     def log_key(self) -> str:
@@ -500,10 +512,7 @@ class Worker:
         for line, reason in self._rejected:
             LOG.warning("tasklist line %r rejected: %s (recorded in rejected.txt)", line, reason)
         self._compact(force=True)
-        if self._interrupted():
-            stopped = "spot interruption"
-        else:
-            stopped = "task limit reached" if self._at_limit() else "queue drained"
+        stopped = self.stop_reason or ("task limit reached" if self._at_limit() else "queue drained")
         LOG.info(
             "%s: %d completed, %d failed by %s in %.1f s",
             stopped,
@@ -543,10 +552,12 @@ class Worker:
         input cannot be staged is recorded failed, and the next one taken. None when nothing is left
         (or, not ``patient``, nothing is free now)."""
         while not self._interrupted() and self._reserve():
-            lease = picker.next(stopped=self._interrupted, wait=patient)
+            lease = picker.next(stopped=self._interrupted, wait=patient, mine=self._holding)
             if lease is None:
                 self._unreserve()
                 return None
+            with self._lock:
+                self._held.add(lease.name)
             LOG.info("claimed %s (attempt %d)", lease.name, lease.attempts)
             claimed_at = time.time()
             task_dir = self._task_dir(lease.name)
@@ -557,11 +568,11 @@ class Worker:
             except task_queue.BadInput as error:
                 heartbeat.stop()
                 self._give_back(lease, error, fail_now=True)
-                shutil.rmtree(task_dir, ignore_errors=True)
+                self._let_go(lease, task_dir)
                 continue
             except BaseException:
                 heartbeat.stop()
-                shutil.rmtree(task_dir, ignore_errors=True)
+                self._let_go(lease, task_dir)
                 raise
             return Claimed(lease, task_dir, heartbeat, staged, claimed_at, time.time())
         return None
@@ -578,8 +589,23 @@ class Worker:
         with self._lock:
             self.taken -= 1
 
+    def request_stop(self, reason: str) -> None:
+        """Stop cleanly (a signal, as rq's worker's warm shutdown): claim no more, stop the running
+        containers and give their tasks back without counting an attempt; run() then returns."""
+        LOG.warning("%s: no more claims, giving back the tasks in progress", reason)
+        self._stop_reason = reason
+        self._stop.set()
+        self.runner.cancel()
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the worker stops before the queue is drained: a signal, a spot notice, or "" (it does not)."""
+        if self._stop.is_set():
+            return self._stop_reason
+        return "spot interruption" if self.spot_watch is not None and self.spot_watch.noticed.is_set() else ""
+
     def _interrupted(self) -> bool:
-        return self.spot_watch is not None and self.spot_watch.noticed.is_set()
+        return bool(self.stop_reason)
 
     def _at_limit(self) -> bool:
         return 0 < self.settings.max_tasks <= self.taken
@@ -597,8 +623,8 @@ class Worker:
         lease, heartbeat = task.lease, task.heartbeat
         dirs = TaskDirs(task.task_dir / "input", self.shared_dir, task.task_dir / "output")
         try:
-            if self._interrupted():  # the notice came while the task waited for its turn
-                raise TaskError("spot interruption")
+            if self._interrupted():  # the stop came while the task waited for its turn
+                raise TaskError(self.stop_reason)
             started_at = time.time()
             result = self.runner.run(self.job, lease.name, dirs, self.image_id)
             ended_at = time.time()
@@ -621,19 +647,30 @@ class Worker:
             if self._interrupted():
                 # Not the task's fault: the attempt does not count, the next worker takes it at once.
                 task_queue.release(self.client, self.queue, lease)
-                LOG.warning("gave back %s (spot interruption)", lease.name)
+                LOG.warning("gave back %s (%s)", lease.name, self.stop_reason)
             else:
                 self._give_back(lease, error, fail_now=isinstance(error, task_queue.BadInput))
         except task_queue.LeaseLost as error:
             LOG.warning("%s: not publishing, moving on", error)
         finally:
             heartbeat.stop()
-            shutil.rmtree(task.task_dir, ignore_errors=True)
+            self._let_go(lease, task.task_dir)
+
+    def _let_go(self, lease: task_queue.Lease, task_dir: Path) -> None:
+        """The task is out of this worker's hands: its directory goes."""
+        shutil.rmtree(task_dir, ignore_errors=True)
+        with self._lock:
+            self._held.discard(lease.name)
+
+    def _holding(self) -> frozenset:
+        """The tasks this worker's slots hold now."""
+        with self._lock:
+            return frozenset(self._held)
 
     def _failed_run(self, lease: task_queue.Lease, result: RunResult) -> None:
         if self._interrupted():
             task_queue.release(self.client, self.queue, lease)
-            LOG.warning("gave back %s (spot interruption)", lease.name)
+            LOG.warning("gave back %s (%s)", lease.name, self.stop_reason)
             return
         action = self.job.on_exit(result.exit_code)
         reason = f"exited with code {result.exit_code} ({action} by the job's rules): {result.report or 'no message'}"
@@ -800,6 +837,21 @@ def terminate_self(settings: Settings, session) -> None:
     subprocess.run(["systemctl", "poweroff"], check=False)
 
 
+def stop_on_signals(worker: Worker) -> None:
+    """SIGTERM or SIGINT (systemctl stop, a shutdown, Ctrl-C): stop cleanly (Worker.request_stop);
+    a second one: exit at once."""
+
+    def handle(signum, frame) -> None:
+        if worker.stop_reason.startswith("stopped by"):
+            os._exit(128 + signum)
+        # Not from the handler itself: it may run while the interrupted thread holds the logging lock.
+        name = signal.Signals(signum).name
+        threading.Thread(target=worker.request_stop, args=(f"stopped by {name}",), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--config", help="JSON settings file (the worker role writes /etc/cicc/worker.json)")
@@ -818,8 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as error:
         print(f"cicc-worker: {error}", file=sys.stderr)
         return EXIT_UNWORKABLE
-    runner = DockerRunner() if args.runner == "docker" else ProcessRunner(args.program)
-    notes, spot_watch = [], None
+    notes, on_ec2 = [], False
     if not settings.instance_id:
         settings.instance_id, user_data = instance_metadata(settings)
         notes = settings.apply_user_data(user_data)
@@ -829,9 +880,10 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(settings, key, value)
         # On EC2 (not the local cloud, whose identity file stands in for the metadata service) a spot
         # instance may be reclaimed: watch for the notice.
-        if settings.instance_id and not Path(settings.identity_file).exists():
-            spot_watch = SpotWatch(settings, runner)
+        on_ec2 = bool(settings.instance_id) and not Path(settings.identity_file).exists()
     owner = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+    runner = DockerRunner(owner) if args.runner == "docker" else ProcessRunner(args.program)
+    spot_watch = SpotWatch(settings, runner) if on_ec2 else None
     log_file = Path(settings.workdir).resolve() / owner / "log.txt"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
@@ -848,12 +900,14 @@ def main(argv: list[str] | None = None) -> int:
     if settings.job.startswith("s3://"):
         log_bucket, job_key = split_s3_url(settings.job)
         log_key = f"{job_key.rpartition('/')[0]}/logs/{owner}/log.txt".lstrip("/")
+    worker = None
     try:
         if not settings.job:
             raise Unworkable('no job: the user data names none ({"job": "s3://BUCKET/PREFIX/job.json"}) nor does --job')
         job = read_job(client, settings.job)
         worker = Worker(settings, client, job, runner, owner=owner, spot_watch=spot_watch)
         log_bucket, log_key = job.bucket, worker.log_key
+        stop_on_signals(worker)
         code = worker.run()
     except Unworkable as error:
         LOG.error("%s; no task claimed", error)
@@ -863,7 +917,8 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_ERROR
     if log_bucket:
         upload_log(client, log_bucket, log_key, log_file)
-    if settings.exit_action == "terminate":
+    # Stopped by a signal: whoever sent it (a person, the OS shutting down) decides what becomes of the machine.
+    if settings.exit_action == "terminate" and not (worker and worker.stop_reason.startswith("stopped by")):
         terminate_self(settings, session)
     return code
 

@@ -76,6 +76,8 @@ LABEL_INSTANCE = "cicc.instance-id"
 LABEL_AMI = "cicc.ami-id"
 LABEL_ENDPOINT = "cicc.ec2-endpoint"
 LABEL_SOURCE = "cicc.source-instance"
+# On the processing containers a worker starts (worker/cicc_worker.py): the worker, i.e. its instance id.
+LABEL_WORKER = "cicc.worker"
 IDENTITY_PATH = "/etc/cicc/identity.json"
 DOCKER_SOCKET = "/var/run/docker.sock"
 # systemd halts cleanly on SIGRTMIN+3; SIGTERM (docker's default) only makes it re-execute.
@@ -498,8 +500,12 @@ def _remove_orphan(run: _Pass, container, instance_id: str) -> dict:
 
 
 def _remove(run: _Pass, container, instance_id: str) -> None:
-    """Remove an instance's container, then its state and work directories."""
+    """Remove an instance's container and the processing containers its worker started (siblings on the
+    same engine, labelled with the worker: one killed with its machine may be left), then its state and
+    work directories."""
     try:
+        for sibling in run.docker.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={instance_id}"}):
+            sibling.remove(force=True)
         container.remove(force=True)
     except _docker_error() as e:
         raise LocalCloudError(f"Couldn't remove the container of instance {instance_id}: {e}") from e

@@ -840,11 +840,13 @@ class TaskPicker:
         self._jump = True
         return None
 
-    def next(self, stopped=lambda: False, wait: bool = True) -> Lease | None:
+    def next(self, stopped=lambda: False, wait: bool = True, mine=frozenset) -> Lease | None:
         """The next claimed task, or None once nothing is pending or held by anyone, or once
         ``stopped()`` says to claim no more (it is asked before every claim and after every wait).
         With ``wait=False`` it returns None at once when only tasks held by others remain (a worker
-        looking ahead while its own task runs); the next call then looks afresh first."""
+        looking ahead while its own task runs); the next call then looks afresh first. ``mine()``
+        names the tasks the caller's own worker holds in its other slots: not worth waiting for,
+        since that slot takes back what it gives back."""
         if not self._left and not self._busy:
             self._refresh()
         while not stopped():
@@ -860,7 +862,8 @@ class TaskPicker:
                 continue
             if not self._busy:
                 return None
-            if not wait:
+            if not wait or not set(self._busy) - set(mine()):
+                # Nothing free now and nothing worth waiting for: a later call looks afresh first.
                 self._fresh = False
                 return None
             # Only tasks held by others remain: wait for them to finish or for a lease to expire,

@@ -342,8 +342,10 @@ def test_row10_spot_notice_gives_back_the_task_and_stops(s3, bucket, make_worker
         worker = make_worker(runner, "spot", spot_watch=True, metadata_url=metadata.url, spot_poll_seconds=1, slots=2)
         with caplog.at_level("INFO", logger="cicc-worker"):
             assert worker.run() == 0
-            # One claim a slot, cancelled and given back: no output, no lock, no failure.
-            assert worker.slots == 2 and len(runner.runs) == 2 and runner.cancelled.is_set()
+            # One claim a slot, cancelled (or stopped before its container started) and given back: no output,
+            # no lock, no failure.
+            assert worker.slots == 2 and runner.runs and runner.cancelled.is_set()
+            assert caplog.text.count("gave back") == 2
             assert "spot interruption: 0 completed, 0 failed by spot" in caplog.text
             assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "failed/") == []
             assert not [key for key in _keys(s3, bucket) if key.startswith("out")]
@@ -525,3 +527,57 @@ def test_summary_job_image_comes_from_the_bucket(
     wrong = _summary_job(bucket, digest="sha256:" + "0" * 64)
     assert make_worker(worker_module.DockerRunner(), owner="i-wrong", job=wrong).run() == 2
     assert _keys(s3, bucket, "summary/locks/") == [] and _body(s3, bucket, "summary/tasklist.txt") == b"in9.dat\n"
+
+
+def test_row13_sigterm_mid_task_gives_back_and_exits_within_ten_seconds(s3, bucket, emulator, tmp_path):
+    """systemctl stop, a shutdown, Ctrl-C: no more claims, the running program stopped, the task given back without
+    counting an attempt, the log uploaded, exit 0 within 10 s."""
+    _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(xor_job(bucket).as_dict()))
+    program = tmp_path / "forever.py"
+    program.write_text(
+        f"import os, time\nopen({str(tmp_path / 'pids')!r}, 'a').write(f'{{os.getpid()}}\\n')\ntime.sleep(300)\n"
+    )
+    argv = [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--job", str(job_file), "--endpoint-url", emulator]
+    argv += ["--workdir", str(tmp_path / "work"), "--instance-id", "i-stopped", "--slots", "1"]
+    argv += ["--runner", "process", "--program", str(program)]
+    worker = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT / ".collections")})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "pids").exists():
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.05)
+    # Both tasks are claimed: one runs, the next is staged beside it.
+    while len(_keys(s3, bucket, "locks/")) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert time.monotonic() - stopped < 10
+    child = int((tmp_path / "pids").read_text().split()[0])
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+    assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "failed/") == []
+    assert _body(s3, bucket, "tasklist.txt") == b"in1.dat\nin2.dat\n"
+    log = _body(s3, bucket, "logs/i-stopped/log.txt").decode()
+    assert "stopped by SIGTERM: no more claims" in log and "stopped by SIGTERM: 0 completed, 0 failed" in log
+
+
+def test_a_second_signal_exits_at_once(worker_module, monkeypatch):
+    class Worker:
+        stop_reason = ""
+
+        def request_stop(self, reason):
+            self.stop_reason = reason
+
+    worker, exits, handlers = Worker(), [], {}
+    monkeypatch.setattr(worker_module.signal, "signal", handlers.setdefault)
+    monkeypatch.setattr(worker_module.os, "_exit", exits.append)
+    worker_module.stop_on_signals(worker)
+    handlers[signal.SIGINT](signal.SIGINT, None)
+    deadline = time.monotonic() + 5
+    while not worker.stop_reason and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.stop_reason == "stopped by SIGINT" and exits == []
+    handlers[signal.SIGTERM](signal.SIGTERM, None)
+    assert exits == [128 + signal.SIGTERM]
