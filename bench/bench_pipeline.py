@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             output, seconds = run.playbook({"cicc_delete_bucket": True}, "playbooks/teardown.yml")
             rows.append(("teardown", seconds, changed(output)))
-            print("\n".join(f"{name:<10} {seconds:6.1f} s  changed={count}" for name, seconds, count in rows[start:]), flush=True)
+            print(
+                "\n".join(f"{name:<10} {seconds:6.1f} s  changed={count}" for name, seconds, count in rows[start:]),
+                flush=True,
+            )
     print(f"\n{'step':<10} {'wall s':>6}  changed tasks")
     for name, seconds, count in rows:
         print(f"{name:<10} {seconds:6.1f}  {count}")

@@ -37,20 +37,16 @@ Without --endpoint it starts its own moto_server (from this interpreter's virtua
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import types
 import uuid
 from pathlib import Path
 
-from common import OwnMoto, link_collection, load_worker
+import common
 
 TARGET = 1.8
 DEFAULT_IMAGE = "cicc-base:bookworm"
@@ -76,8 +72,8 @@ print('SUCCESS {task}: %d loops in %.2f s of CPU' % (loops, used))
 
 def load_code() -> types.ModuleType:
     """cicc_worker from this checkout (its ``jobs`` is plugins/module_utils/job.py)."""
-    link_collection()
-    return load_worker()
+    common.link_collection()
+    return common.load_worker()
 
 
 def burn_job(jobs: types.ModuleType, bucket: str, image: str, seconds: float):
@@ -99,48 +95,13 @@ def burn_job(jobs: types.ModuleType, bucket: str, image: str, seconds: float):
     )
 
 
-# --- instruments ----------------------------------------------------------------------------------
-
-
-class TimedRunner:
-    """Wraps a runner and adds up the time its runs take, over every slot (``prepare``, the image
-    lookup, is not a run)."""
-
-    def __init__(self, runner) -> None:
-        self.runner = runner
-        self.seconds = 0.0
-        self.runs = 0
-        self.last_end = 0.0  # perf_counter() when the last run ended
-        self._lock = threading.Lock()
-
-    def prepare(self, job, fetch) -> str:
-        return self.runner.prepare(job, fetch)
-
-    def run(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return self.runner.run(*args, **kwargs)
-        finally:
-            ended = time.perf_counter()
-            with self._lock:
-                self.seconds += ended - started
-                self.runs += 1
-                self.last_end = max(self.last_end, ended)
-
-    def cancel(self) -> None:
-        self.runner.cancel()
-
-
 # --- one run --------------------------------------------------------------------------------------
 
 
-def fill_bucket(client, names: list[str]) -> str:
-    bucket = f"cicc-bench-slots-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket)
-    for name in names:
-        client.put_object(Bucket=bucket, Key=name, Body=INPUT)
-    client.put_object(Bucket=bucket, Key="tasklist.txt", Body="".join(f"{name}\n" for name in names).encode())
-    return bucket
+def queue_objects(names: list[str]) -> dict[str, bytes]:
+    """The queue's objects: each task's input, then tasklist.txt naming them all."""
+    tasklist = "".join(f"{name}\n" for name in names).encode()
+    return {**{name: INPUT for name in names}, "tasklist.txt": tasklist}
 
 
 def check_results(client, cicc_worker, job, names: list[str]) -> list[tuple[int, float]]:
@@ -165,17 +126,12 @@ def run_worker(cicc_worker, endpoint: str, names: list[str], slots: int, args, t
         endpoint_url=endpoint, workdir=str(tmp / f"slots{slots}-{uuid.uuid4().hex[:8]}"), lease_seconds=120, slots=slots
     )
     client = cicc_worker.s3_client(settings)
-    bucket = fill_bucket(client, names)
+    bucket = common.fill_bucket(client, queue_objects(names), "cicc-bench-slots-")
     job = burn_job(cicc_worker.jobs, bucket, args.image, args.seconds)
     client.list_objects_v2(Bucket=bucket, MaxKeys=1)  # warm: connection and credentials (untimed)
-    runner = TimedRunner(cicc_worker.DockerRunner())
+    runner = common.TimedRunner(cicc_worker.DockerRunner())
     worker = cicc_worker.Worker(settings, client, job, runner, owner=f"bench-slots{slots}")
-    started = time.perf_counter()
-    code = worker.run()
-    ended = time.perf_counter()
-    wall = ended - started
-    if code != 0 or sorted(worker.done) != sorted(names) or worker.failed:
-        raise SystemExit(f"FAIL: slots={slots}: worker exited {code}, done {worker.done}, failed {worker.failed}")
+    wall, ended = common.drain(worker, names, f"slots={slots}: worker")
     if worker.slots != slots:
         raise SystemExit(f"FAIL: asked for {slots} slots, the worker ran {worker.slots} (too few vCPUs or memory?)")
     results = check_results(client, cicc_worker, job, names)
@@ -216,12 +172,10 @@ def report(runs: dict[int, list[dict]], pairs: list[float], tasks: int) -> bool:
     print(
         f"{tasks} tasks, medians over {len(pairs)} repeat(s); ratio = slots 2 / slots 1 throughput, paired per repeat"
     )
-    header = (
+    common.print_header(
         f"{'slots':>5} | {'wall s':>7} | {'tasks/s':>7} | {'each repeat (s)':<16} | {'s/container':>11} | "
         f"{'in containers':>13} | {'burning':>7} | {'tail s':>6} | {'loops/CPU-s':>11} | ratio"
     )
-    print(header)
-    print("-" * len(header))
     verdict = statistics.median(pairs)
     for slots in SLOTS:
         each = " ".join(f"{run['wall']:.1f}" for run in runs[slots])
@@ -256,39 +210,28 @@ def main(argv: list[str] | None = None) -> int:
         args.tasks, args.seconds, args.repeats = 4, 1.0, 1
     if args.tasks < 1 or args.seconds <= 0 or args.repeats < 1:
         parser.error("--tasks and --repeats must be at least 1, --seconds above 0")
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
-        os.environ.setdefault(key, value)
-    logging.getLogger("cicc-worker").setLevel(logging.WARNING)
+    common.quiet_worker()
 
     import docker
 
     cicc_worker = load_code()
     client = docker.from_env()
     docker_version = client.version()["Version"]
-    try:
-        client.images.get(args.image)
-    except docker.errors.ImageNotFound:
-        raise SystemExit(f"image {args.image} is absent: scripts/setup.sh builds it") from None
+    common.require_image(client, args.image, "scripts/setup.sh builds it")
     names = [f"t{index:03d}.dat" for index in range(args.tasks)]
     print(
         f"worker slots 1 vs 2: {args.tasks} CPU-bound tasks of {args.seconds:g} s of CPU, image {args.image}, "
         f"cpus 1, memory 256 MiB, {args.repeats} repeat(s)"
     )
-    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, docker {docker_version}")
-    print(
-        f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (shared machine: see the paired ratios)"
-    )
-    own = OwnMoto() if not args.endpoint else None
-    endpoint = own.__enter__().url if own else args.endpoint
+    common.print_machine(docker_version)
     runs: dict[int, list[dict]] = {slots: [] for slots in SLOTS}
     pairs: list[float] = []
-    try:
-        print(f"S3 endpoint {endpoint}{' (own moto_server)' if own else ''}")
+    with common.s3_endpoint(args.endpoint) as endpoint:
         print(f"warm-up container run (untimed in results): {warm_up(args.image):.2f} s")
         with tempfile.TemporaryDirectory(prefix="cicc-bench-slots-") as tmp_name:
             for repeat in range(args.repeats):
                 pair = {}
-                for slots in SLOTS if repeat % 2 == 0 else SLOTS[::-1]:
+                for slots in common.in_turn(SLOTS, repeat):
                     result = run_worker(cicc_worker, endpoint, names, slots, args, Path(tmp_name))
                     runs[slots].append(result)
                     pair[slots] = result
@@ -297,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"in containers {result['in_containers']:.1%}, tail {result['tail']:.2f} s"
                     )
                 pairs.append(pair[2]["tasks_per_s"] / pair[1]["tasks_per_s"])
-    finally:
-        if own:
-            own.__exit__()
-    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    common.print_load_at_end()
     report(runs, pairs, args.tasks)
     return 0
 

@@ -40,19 +40,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import logging
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 import types
-import uuid
 from pathlib import Path
 
-from common import REGION, OwnMoto, link_collection, load_worker, xor_job
+import common
 
 TARGET = 1.5
 DEFAULT_IMAGE = "cicc-process:latest"
@@ -63,10 +60,10 @@ DEFAULT_IMAGE = "cicc-process:latest"
 
 def load_code() -> tuple[types.ModuleType, types.ModuleType]:
     """(dataset, cicc_worker) from this checkout; the worker's ``jobs`` is plugins/module_utils/job.py."""
-    link_collection()
+    common.link_collection()
     from ansible_collections.cicc.cloud.plugins.module_utils import dataset
 
-    return dataset, load_worker()
+    return dataset, common.load_worker()
 
 
 # --- instruments ----------------------------------------------------------------------------------
@@ -107,48 +104,15 @@ class S3Meter:
             self.calls[model.name] += 1
 
 
-class TimedRunner:
-    """Wraps a runner and adds up the time spent in its runs (``prepare``, the image lookup, is not a run)."""
-
-    def __init__(self, runner) -> None:
-        self.runner = runner
-        self.seconds = 0.0
-        self.runs = 0
-        self.last_end = 0.0  # perf_counter() when the last run ended
-
-    def prepare(self, job, fetch) -> str:
-        return self.runner.prepare(job, fetch)
-
-    def run(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return self.runner.run(*args, **kwargs)
-        finally:
-            self.last_end = time.perf_counter()
-            self.seconds += self.last_end - started
-            self.runs += 1
-
-    def cancel(self) -> None:
-        self.runner.cancel()
-
-
 # --- the two methods ------------------------------------------------------------------------------
 
 
 def new_client(endpoint: str):
     import boto3
 
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=REGION)
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=common.REGION)
     client.list_buckets()  # warm: connection, endpoint and credential resolution (untimed)
     return client
-
-
-def fill_bucket(client, objects: dict[str, bytes]) -> str:
-    bucket = f"cicc-bench-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket)
-    for name, body in objects.items():  # lists last, as build_dataset orders them
-        client.put_object(Bucket=bucket, Key=name, Body=body)
-    return bucket
 
 
 def output_key(job, name: str) -> str:
@@ -165,17 +129,25 @@ def check_outputs(client, job, objects: dict[str, bytes], names: list[str], xor)
             raise SystemExit(f"FAIL: s3://{job.bucket}/{key} is not {name} XOR kernel")
 
 
-def run_worker(mods, endpoint: str, objects, names, image: str, tmp: Path) -> dict:
-    dataset, cicc_worker = mods
+def new_run(cicc_worker, endpoint: str, objects: dict[str, bytes], image: str):
+    """What each method's run starts from, untimed: a fresh bucket of ``objects`` and the XOR job on it, put by
+    a set-up client of its own (also the one that checks the outputs), and the method's own warmed client with
+    a meter that has not counted the warm-up request; (set-up client, job, client, meter)."""
     setup = new_client(endpoint)
-    bucket = fill_bucket(setup, objects)
-    job = xor_job(cicc_worker.jobs, bucket, image_name=image)
+    bucket = common.fill_bucket(setup, objects)
+    job = common.xor_job(cicc_worker.jobs, bucket, image_name=image)
     client = new_client(endpoint)
     meter = S3Meter(client)
-    meter.reset()  # the warm-up request is not the worker's
-    runner = TimedRunner(cicc_worker.DockerRunner())
+    meter.reset()  # the warm-up request is not the method's
+    return setup, job, client, meter
+
+
+def run_worker(mods, endpoint: str, objects, names, image: str, tmp: Path) -> dict:
+    dataset, cicc_worker = mods
+    setup, job, client, meter = new_run(cicc_worker, endpoint, objects, image)
+    runner = common.TimedRunner(cicc_worker.DockerRunner())
     # One task at a time, as the baseline: bench_slots.py measures slots.
-    settings = cicc_worker.Settings(workdir=str(tmp / f"worker-{bucket}"), lease_seconds=120, slots=1)
+    settings = cicc_worker.Settings(workdir=str(tmp / f"worker-{job.bucket}"), lease_seconds=120, slots=1)
     worker = cicc_worker.Worker(settings, client, job, runner, owner="bench-worker")
     stage = {"seconds": 0.0}
     stage_input = worker._stage_input
@@ -188,12 +160,7 @@ def run_worker(mods, endpoint: str, objects, names, image: str, tmp: Path) -> di
             stage["seconds"] += time.perf_counter() - started
 
     worker._stage_input = timed_stage_input  # GetObject of the input with its streamed body
-    started = time.perf_counter()
-    code = worker.run()
-    ended = time.perf_counter()
-    total = ended - started
-    if code != 0 or sorted(worker.done) != sorted(names) or worker.failed:
-        raise SystemExit(f"FAIL: worker exited {code}, done {worker.done}, failed {worker.failed}")
+    total, ended = common.drain(worker, names, "worker")
     check_outputs(setup, job, objects, names, dataset.xor_tiled)
     shutil.rmtree(settings.workdir, ignore_errors=True)
     return {
@@ -257,13 +224,8 @@ def run_baseline(mods, endpoint: str, objects, names, image: str, tmp: Path) -> 
     import docker
 
     dataset, cicc_worker = mods
-    setup = new_client(endpoint)
-    bucket = fill_bucket(setup, objects)
-    job = xor_job(cicc_worker.jobs, bucket, image_name=image)
-    kernel = job.shared[0]
-    client = new_client(endpoint)
-    meter = S3Meter(client)
-    meter.reset()
+    setup, job, client, meter = new_run(cicc_worker, endpoint, objects, image)
+    bucket, kernel = job.bucket, job.shared[0]
     docker_client = docker.from_env()
     phases = collections.Counter()
     started = time.perf_counter()
@@ -293,7 +255,7 @@ def warm_up(cicc_worker, image: str, tmp: Path, objects: dict[str, bytes], name:
     """One untimed container run, so neither method pays for the first start of the image."""
     import docker
 
-    job = xor_job(cicc_worker.jobs, "cicc-bench-warm-up", image_name=image)
+    job = common.xor_job(cicc_worker.jobs, "cicc-bench-warm-up", image_name=image)
     task_dir, dirs = task_dirs(cicc_worker, tmp, "warm-")
     (dirs.input / name).write_bytes(objects[name])
     (dirs.shared / job.shared[0]).write_bytes(objects["kernel.dat"])
@@ -344,12 +306,10 @@ def report(worker_runs: list[dict], base_runs: list[dict], tasks: int) -> bool:
     b_outside = med(run["total"] - run["runner"] for run in base_runs)
     print()
     print(f"per-task wall time (total / N), ms, over {len(worker_runs)} repeats")
-    header = (
+    common.print_header(
         f"{'method':<9} | {'median':>8} | {'min':>8} | {'each repeat':<30} | {'container':>9} | "
         f"{'req/task':>8} | worker/baseline"
     )
-    print(header)
-    print("-" * len(header))
     rows = (("worker", w_med, w_min, w_runner, reqs["worker"]), ("baseline", b_med, b_min, b_runner, reqs["baseline"]))
     for method, median, low, runner, req in rows:
         each = " ".join(f"{value * 1000:.0f}" for value in per_task[method])
@@ -411,40 +371,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tasks < 1 or args.size < 1 or args.repeats < 1:
         parser.error("--tasks, --size and --repeats must be at least 1")
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
-        os.environ.setdefault(key, value)
-    logging.getLogger("cicc-worker").setLevel(logging.WARNING)
+    common.quiet_worker()
 
     import docker
 
     mods = load_code()
-    try:
-        docker.from_env().images.get(args.image)
-    except docker.errors.ImageNotFound:
-        raise SystemExit(f"image {args.image} is absent: build it with scripts/process-image.sh") from None
+    common.require_image(docker.from_env(), args.image, "build it with scripts/process-image.sh")
     objects = mods[0].build_dataset(inputs=args.tasks, input_size=args.size, done=0)
     names = mods[0].task_names(args.tasks, 0)[0]
 
     print(
         f"worker vs bare docker run: {args.tasks} tasks of {args.size} bytes, image {args.image}, {args.repeats} repeats"
     )
-    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, docker {docker.from_env().version()['Version']}")
-    print(
-        f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (shared machine: see the paired ratios)"
-    )
-    own = OwnMoto() if not args.endpoint else None
-    endpoint = own.__enter__().url if own else args.endpoint
+    common.print_machine(docker.from_env().version()["Version"])
     worker_runs: list[dict] = []
     base_runs: list[dict] = []
-    try:
-        print(f"S3 endpoint {endpoint}{' (own moto_server)' if own else ''}")
+    with common.s3_endpoint(args.endpoint) as endpoint:
         with tempfile.TemporaryDirectory(prefix="cicc-bench-worker-") as tmp_name:
             tmp = Path(tmp_name)
             warm = warm_up(mods[1], args.image, tmp, objects, names[0])
             print(f"warm-up container run (untimed in results): {warm:.2f} s")
             for repeat in range(args.repeats):
-                order = ("worker", "baseline") if repeat % 2 == 0 else ("baseline", "worker")
-                for method in order:
+                for method in common.in_turn(("worker", "baseline"), repeat):
                     if method == "worker":
                         result = run_worker(mods, endpoint, objects, names, args.image, tmp)
                         worker_runs.append(result)
@@ -456,10 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{result['total'] / args.tasks * 1000:.0f} ms/task, container "
                         f"{result['runner'] / args.tasks * 1000:.0f} ms/task"
                     )
-    finally:
-        if own:
-            own.__exit__()
-    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    common.print_load_at_end()
     report(worker_runs, base_runs, args.tasks)
     return 0
 

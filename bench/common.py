@@ -1,17 +1,26 @@
-"""What the benchmarks share: the collection on sys.path, loading a file as a module, the XOR job, an emulator of their own."""
+"""What the benchmarks share: the collection on sys.path, loading a file as a module, the XOR job, an emulator of their own.
+
+And, for the benchmarks that time a worker against something else (bench_worker.py, bench_slots.py): its timed run,
+the bucket it drains, the runner that times its containers and the lines their reports start and end with, so that
+both measure and report a worker the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
+import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import urllib.request
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import boto3
@@ -159,3 +168,118 @@ class LocalProject:
         """teardown.yml with the bucket: on the local cloud it also removes the machines' containers, their
         files and the AMIs' images."""
         self.playbook({"cicc_delete_bucket": True}, "playbooks/teardown.yml")
+
+
+# --- a worker under measurement -------------------------------------------------------------------
+
+
+def quiet_worker() -> None:
+    """The emulator's credentials unless the caller set real ones, and no INFO line per task from the worker:
+    its log would drown the figures (and printing it would be timed)."""
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        os.environ.setdefault(key, value)
+    logging.getLogger("cicc-worker").setLevel(logging.WARNING)
+
+
+def require_image(client: docker.DockerClient, image: str, hint: str) -> None:
+    """Stop before anything runs when ``image`` is absent, saying how to build it (``hint``): a benchmark uses
+    the image it is given and builds none."""
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise SystemExit(f"image {image} is absent: {hint}") from None
+
+
+def fill_bucket(client, objects: dict[str, bytes], prefix: str = "cicc-bench-") -> str:
+    """A fresh bucket ``prefix`` + a random suffix holding ``objects`` (key: body), put in their order (lists
+    last, as build_dataset orders them); its name. A fresh bucket per run keeps runs from seeing each other's
+    tasks; the upload is set-up, never timed."""
+    bucket = f"{prefix}{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    for name, body in objects.items():
+        client.put_object(Bucket=bucket, Key=name, Body=body)
+    return bucket
+
+
+class TimedRunner:
+    """Wraps a runner and adds up the time its runs take, over every slot (``prepare``, the image lookup, is
+    not a run); ``last_end`` is when the last run to end ended, so that what follows it (the end of the queue)
+    can be told apart from the containers."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.seconds = 0.0
+        self.runs = 0
+        self.last_end = 0.0  # perf_counter() when the last run ended
+        self._lock = threading.Lock()
+
+    def prepare(self, job, fetch) -> str:
+        return self.runner.prepare(job, fetch)
+
+    def run(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.runner.run(*args, **kwargs)
+        finally:
+            ended = time.perf_counter()
+            with self._lock:
+                self.seconds += ended - started
+                self.runs += 1
+                self.last_end = max(self.last_end, ended)
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+
+def drain(worker, names: list[str], what: str) -> tuple[float, float]:
+    """Time ``worker.run()`` from start to return: (wall seconds, perf_counter() at the return). FAIL (``what``
+    names the run) unless it exited 0 with every task of ``names`` done and none failed: a run that did less
+    work would look fast."""
+    started = time.perf_counter()
+    code = worker.run()
+    ended = time.perf_counter()
+    if code != 0 or sorted(worker.done) != sorted(names) or worker.failed:
+        raise SystemExit(f"FAIL: {what} exited {code}, done {worker.done}, failed {worker.failed}")
+    return ended - started, ended
+
+
+def in_turn(order: Sequence, repeat: int) -> Sequence:
+    """``order`` on even repeats and reversed on odd ones: neither side always runs second, on a machine the
+    other has just warmed (or loaded)."""
+    return order if repeat % 2 == 0 else order[::-1]
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def print_machine(docker_version: str) -> None:
+    """The lines that say what the figures were measured on; the machine is shared, hence its load."""
+    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, docker {docker_version}")
+    print(f"load average at the start: {load_average()} (shared machine: see the paired ratios)")
+
+
+def print_load_at_end() -> None:
+    print(f"load average at the end: {load_average()} ({os.cpu_count()} CPUs)")
+
+
+@contextlib.contextmanager
+def s3_endpoint(endpoint: str | None) -> Iterator[str]:
+    """``endpoint``, or else the URL of a moto_server of our own for the block (stopped after it, whatever
+    happens); the line naming the endpoint is printed either way, so a report says what it measured against."""
+    if endpoint:
+        print(f"S3 endpoint {endpoint}")
+        yield endpoint
+        return
+    with OwnMoto() as own:
+        print(f"S3 endpoint {own.url} (own moto_server)")
+        yield own.url
+
+
+def print_header(header: str) -> None:
+    """A table's header line, underlined to its width."""
+    print(header)
+    print("-" * len(header))

@@ -144,6 +144,15 @@ def xor_job(bucket: str, prefix: str = "", **changes):
     return job.load(data)
 
 
+@pytest.fixture(scope="session")
+def summary_archive(tmp_path_factory, docker_client):
+    """The summary job's image (container/summary) as `docker save` made it, and its image ID."""
+    archive = tmp_path_factory.mktemp("images") / "cicc-summary.tar"
+    script = [str(ROOT / "scripts" / "process-image.sh"), "container/summary", "cicc-summary:latest"]
+    built = subprocess.run([*script, "--save", str(archive)], check=True, capture_output=True, text=True)
+    return archive, built.stdout.split()[-1]
+
+
 @pytest.fixture
 def inline_runner(process_module, worker_module):
     """The light processing step: process.py's own XOR, run in this process instead of a container."""

@@ -472,6 +472,8 @@ class Worker:
         self._held: set[str] = set()
         self._stop = threading.Event()
         self._stop_reason = ""
+        # Slots stopped by an unexpected error: the run then ends with EXIT_ERROR.
+        self.failed_slots = 0
 
     @property
     def log_key(self) -> str:
@@ -521,7 +523,7 @@ class Worker:
             self.owner,
             time.monotonic() - started,
         )
-        return EXIT_DRAINED
+        return EXIT_ERROR if self.failed_slots else EXIT_DRAINED
 
     def _slot(self, number: int) -> None:
         """One slot's loop until nothing is left, the limit is reached or a notice came: while one task's
@@ -532,6 +534,7 @@ class Worker:
         picker = task_queue.TaskPicker(
             self.client, self.queue, owner, self.settings.instance_id, min(5.0, self.settings.lease_seconds / 4)
         )
+        following = None
         try:
             current = self._take(picker)
             while current is not None:
@@ -541,11 +544,24 @@ class Worker:
                     due = self.done and len(self.done) % self.settings.compact_every == 0
                 if due:
                     self._compact(min_batch=self.settings.compact_every)
-                current = following.result() or self._take(picker)
+                current, following = following.result() or self._take(picker), None
         except Exception:  # noqa: BLE001 - one slot's unexpected error must not leave the others' work unlogged
             LOG.exception("slot %d stopped by an unexpected error", number)
+            self.failed_slots += 1
+            self._give_back_staged(following)
         with self._lock:
             self._rejected = self._rejected or picker.rejected
+
+    def _give_back_staged(self, prefetch: Prefetch | None) -> None:
+        """A task claimed ahead for a slot that stopped: given back at once, the attempt not counted."""
+        try:
+            staged = prefetch.result() if prefetch else None
+            if staged is not None:
+                staged.heartbeat.stop()
+                task_queue.release(self.client, self.queue, staged.lease)
+                self._let_go(staged.lease, staged.task_dir)
+        except Exception as error:  # noqa: BLE001 - its lease runs out and another worker takes it over
+            LOG.warning("could not give back the task claimed ahead: %s", error)
 
     def _take(self, picker: task_queue.TaskPicker, patient: bool = True) -> Claimed | None:
         """Claim the next task and stage its input, its lease renewed from the claim on. A task whose

@@ -161,27 +161,13 @@ def _job_file(path: Path, job: dict) -> Path:
     return path
 
 
-def _more_jobs(pipeline: dict, tmp_path: Path, docker_client) -> tuple[Path, Path, dict[str, bytes]]:
+def _more_jobs(pipeline: dict, tmp_path: Path, docker_client, archive: Path, image_id: str):
     """The summary job, its image saved into the bucket; and an XOR job over a prefix filled by hand."""
     s3, bucket = pipeline["aws"]["s3"], pipeline["bucket"]
-    archive = tmp_path / "cicc-summary.tar"
-    saved = subprocess.run(
-        [
-            str(ROOT / "scripts" / "process-image.sh"),
-            "container/summary",
-            "cicc-summary:latest",
-            "--save",
-            str(archive),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
     s3.upload_file(str(archive), bucket, "summary/images/cicc-summary.tar")
-    archive.unlink()
     docker_client.images.remove("cicc-summary:latest")  # no machine has it: the bucket brings it
     summary = yaml.safe_load((ROOT / "jobs" / "summary.yml").read_text())["cicc_job"]
-    summary["image"]["digest"] = saved.stdout.split()[-1]
+    summary["image"]["digest"] = image_id
     byhand = {**yaml.safe_load((ROOT / "jobs" / "xor.yml").read_text())["cicc_job"], "name": "byhand"}
     byhand.update(prefix="byhand/", dataset=None)
     objects = {f"byhand/{key}": body for key, body in build_dataset(input_size=INPUT_SIZE, seed=7).items()}
@@ -238,7 +224,9 @@ def pipeline(emulator, docker_client):
     _cleanup(docker_client, emulator, made["instances"], made["images"])
 
 
-def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client, emulator, capsys, tmp_path):
+def test_site_runs_the_whole_pipeline_on_the_local_cloud(
+    pipeline, docker_client, emulator, capsys, tmp_path, summary_archive
+):
     project, bucket, env, settings, aws = (pipeline[k] for k in ("project", "bucket", "env", "settings", "aws"))
     s3, ec2 = aws["s3"], aws["ec2"]
 
@@ -316,7 +304,7 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(pipeline, docker_client
     # program over a bucket prefix filled by hand in the seed's layout (no data set written). No AMI is built.
     amis_before = _own_amis(ec2, project)
     committed_before = _committed_images(docker_client, emulator)
-    summary_file, byhand_file, byhand_objects = _more_jobs(pipeline, tmp_path, docker_client)
+    summary_file, byhand_file, byhand_objects = _more_jobs(pipeline, tmp_path, docker_client, *summary_archive)
     runs = _pipelines_at_once(
         env,
         [

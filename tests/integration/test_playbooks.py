@@ -538,14 +538,9 @@ def test_dataset_is_exact_idempotent_and_never_overwritten(own_emulator, project
     """The data set byte for byte; re-runs change nothing, also once the queue has moved; no blind overwrite."""
     s3 = _clients(own_emulator)["s3"]
     bucket, prefix = project["cicc_bucket"], project["cicc_prefix"]
-    settings = yaml.safe_load((ROOT / "inventory" / "group_vars" / "all" / "settings.yml").read_text())
-    wanted = build_dataset(
-        inputs=int(settings["cicc_dataset_inputs"]),
-        input_size=INPUT_SIZE,
-        kernel_size=int(settings["cicc_dataset_kernel_size"]),
-        done=int(settings["cicc_dataset_done"]),
-        seed=int(settings["cicc_dataset_seed"]),
-    )
+    # The XOR job's data set (the default job), but for the input size the test sets.
+    shape = yaml.safe_load((ROOT / "jobs" / "xor.yml").read_text())["cicc_job"]["dataset"]
+    wanted = build_dataset(**{**shape, "input_size": INPUT_SIZE})
     wanted = {prefix + name: body for name, body in wanted.items()}
 
     assert _ok(_playbook("dataset.yml", project))["changed"] == 2
@@ -615,6 +610,42 @@ def test_teardown_keeps_a_bucket_the_project_did_not_make(own_emulator, project)
 
 
 # --- status and mount ------------------------------------------------------------------------------------
+
+
+def test_job_step_writes_the_job_and_queues_its_inputs(own_emulator, project) -> None:
+    """job.yml: check mode writes nothing, then the normalised job file, idempotent; a job whose tasks are its
+    inputs gets the matching ones queued once; teardown_job.yml removes the job file and leaves the rest."""
+    s3 = _clients(own_emulator)["s3"]
+    bucket = project["cicc_bucket"]
+    _ok(_playbook("bucket.yml", project))
+    summary = yaml.safe_load((ROOT / "jobs" / "summary.yml").read_text())["cicc_job"]
+    settings = {**project, "cicc_prefix": "summary/", "cicc_job": {**summary, "inputs": {"prefix": "run-1/"}}}
+    before = _keys(s3, bucket)
+
+    assert _ok(_playbook("job.yml", settings, "--check"))["changed"] == 1
+    assert _keys(s3, bucket) == before
+    result = _playbook("job.yml", settings, ANSIBLE_CALLBACK_RESULT_FORMAT="json")
+    assert _ok(result)["changed"] == 1
+    written = json.loads(_body(s3, bucket, "summary/job.json"))
+    assert written["bucket"] == bucket and written["inputs"]["prefix"] == "run-1/"
+    assert written["outputs"]["prefix"] == "summary/results/" and written["image"]["source"] == "archive"
+    shown = _task_result(result, "Show the job")["msg"]
+    assert shown.startswith(f"job summary: s3://{bucket}/summary/job.json, image cicc-summary:latest (archive)")
+    assert shown.endswith(", 10 input(s) queued")
+    names = [f"in{i}.dat" for i in range(10)]  # the data set's inputs match in*.dat; kernel.dat does not
+    assert _body(s3, bucket, "summary/tasklist.txt").decode().split() == names
+    assert _ok(_playbook("job.yml", settings))["changed"] == 0
+
+    # A new input is queued once; a task already done is not queued again.
+    s3.put_object(Bucket=bucket, Key="run-1/in10.dat", Body=b"new")
+    s3.put_object(Bucket=bucket, Key="summary/completed.txt", Body=b"in10.dat\n")
+    s3.put_object(Bucket=bucket, Key="run-1/in11.dat", Body=b"newer")
+    assert _ok(_playbook("job.yml", settings))["changed"] == 1
+    assert _body(s3, bucket, "summary/tasklist.txt").decode().split() == names + ["in11.dat"]
+
+    assert _ok(_playbook("teardown_job.yml", settings))["changed"] >= 1
+    assert "summary/job.json" not in _keys(s3, bucket) and "summary/tasklist.txt" in _keys(s3, bucket)
+    assert _ok(_playbook("teardown_job.yml", settings))["changed"] == 0
 
 
 def test_status_shows_the_queue_and_the_fleet(own_emulator, project) -> None:

@@ -3,6 +3,7 @@ workers at once, and fault-matrix rows 2, 4, 9 and 12 plus the bad inputs."""
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import io
 import json
@@ -14,6 +15,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -462,25 +464,6 @@ def test_a_bad_job_at_boot_claims_nothing_and_says_why(s3, bucket, emulator, tmp
     assert _keys(s3, bucket, "locks/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\n"
 
 
-@pytest.fixture(scope="module")
-def summary_archive(tmp_path_factory, docker_client):
-    """The summary job's image as `docker save` made it, and its ID."""
-    archive = tmp_path_factory.mktemp("images") / "cicc-summary.tar"
-    built = subprocess.run(
-        [
-            str(ROOT / "scripts" / "process-image.sh"),
-            "container/summary",
-            "cicc-summary:latest",
-            "--save",
-            str(archive),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return archive, built.stdout.split()[-1]
-
-
 def _summary_job(bucket: str, **image):
     import yaml
 
@@ -581,3 +564,113 @@ def test_a_second_signal_exits_at_once(worker_module, monkeypatch):
     assert worker.stop_reason == "stopped by SIGINT" and exits == []
     handlers[signal.SIGTERM](signal.SIGTERM, None)
     assert exits == [128 + signal.SIGTERM]
+
+
+def test_an_unexpected_error_in_a_slot_ends_the_run_as_an_error(s3, bucket, make_worker, worker_module):
+    """The slot stops and says why; the task it had claimed ahead is given back at once (its first attempt
+    still), the one in hand keeps its lock until the lease runs out, as after a crash; the exit code is 1."""
+    _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    staged_ahead = threading.Event()
+
+    class Broken:
+        def prepare(self, job, fetch):
+            return ""
+
+        def run(self, job, task, dirs, image_id):
+            staged_ahead.wait(10)  # the look ahead has the other task by then
+            raise RuntimeError("a bug in the runner")
+
+        def cancel(self):
+            pass
+
+    worker = make_worker(Broken(), slots=1)
+    real_take = worker._take
+
+    def take(picker, patient=True):
+        claimed = real_take(picker, patient)
+        if not patient and claimed is not None:
+            staged_ahead.set()
+        return claimed
+
+    worker._take = take
+    assert worker.run() == worker_module.EXIT_ERROR and worker.failed_slots == 1
+    locks = _keys(s3, bucket, "locks/")
+    assert len(locks) == 1 and json.loads(_body(s3, bucket, locks[0]))["owner"] == "w1"
+    assert _keys(s3, bucket, "failed/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\nin2.dat\n"
+
+
+class _ThrottlingProxy(http.server.ThreadingHTTPServer):
+    """S3 on 127.0.0.1 as it answers under load: every ``every``-th request gets 503 SlowDown (or 500
+    InternalError, every ``every_500``-th) without reaching the emulator - S3 did not perform it - and the
+    others are passed on to the emulator as they are."""
+
+    def __init__(self, upstream: str, every: int = 3, every_500: int = 7) -> None:
+        self.upstream = urlparse(upstream)
+        self.every, self.every_500 = every, every_500
+        self.count = self.refused = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ThrottlingHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _ThrottlingHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _relay(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with self.server.lock:
+            self.server.count += 1
+            count = self.server.count
+        if count % self.server.every_500 == 0 or count % self.server.every == 0:
+            code, error = (500, "InternalError") if count % self.server.every_500 == 0 else (503, "SlowDown")
+            with self.server.lock:
+                self.server.refused += 1
+            payload = f"<Error><Code>{error}</Code><Message>try again</Message></Error>".encode()
+            self.send_response_only(code)
+            self.send_header("Date", self.date_time_string())
+            self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+            return
+        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=60)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+            answer = upstream.getresponse()
+            payload = answer.read()
+        finally:
+            upstream.close()
+        # The emulator's own Date: leases are timed by S3's clock.
+        self.send_response_only(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        if self.command != "HEAD":  # a HEAD's Content-Length is the object's, and it has no body
+            self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+def test_row14_throttled_s3_loses_nothing_and_does_nothing_twice(s3, bucket, emulator, make_worker, inline_runner):
+    """A third of the requests answered 503 SlowDown, some 500: the workers back off with jitter and retry; every
+    task is done exactly once, nothing failed, the lists exact."""
+    names = [f"in{i:02d}.dat" for i in range(30)]
+    _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
+    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    proxy = _ThrottlingProxy(emulator)
+    try:
+        workers = [make_worker(inline_runner, owner=f"w{i}", endpoint_url=proxy.url) for i in range(4)]
+        assert _run_all(workers) == [0, 0, 0, 0]
+    finally:
+        proxy.shutdown()
+    assert proxy.refused >= proxy.count // 3 > 30
+    assert sorted(inline_runner.runs) == names  # each processed once
+    assert sorted(sum((w.done for w in workers), [])) == names and not sum((w.failed for w in workers), [])
+    _assert_drained(s3, bucket, names)
+    assert len(_keys(s3, bucket, "manifests/")) == len(names)

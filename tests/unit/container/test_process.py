@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import errno
-import importlib.util
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = ROOT / "container" / "process.py"
+from ansible_collections.cicc.cloud.tests.unit.container import helpers
+from ansible_collections.cicc.cloud.tests.unit.container.helpers import one_line
+
+SCRIPT = helpers.ROOT / "container" / "process.py"
 IMAGE = os.environ.get("CICC_PROCESS_IMAGE", "cicc-process:latest")
-BASE_IMAGE = os.environ.get("CICC_BASE_IMAGE", "cicc-base:bookworm")
 
-
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cicc_container_process", path)
-    module = importlib.util.module_from_spec(spec)
-    # Keep container/ free of __pycache__: it is the image's build context.
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = saved
-    return module
-
-
-process = _load(SCRIPT)
+process = helpers.load_program("cicc_container_process", SCRIPT)
 
 
 def _reference(data: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -112,12 +94,6 @@ def _expected(work: Path, input: str = "in3.dat", kernel: str = "kernel.dat") ->
     return _reference(data, np.fromfile(work / kernel, dtype=np.uint8)).tobytes()
 
 
-def _one_line(text: str) -> str:
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected exactly one line, got {lines!r}"
-    return lines[0]
-
-
 def test_exit_codes_are_distinct() -> None:
     codes = [
         process.EXIT_OK,
@@ -138,7 +114,7 @@ def test_success_writes_output_and_one_success_line(work: Path, capsys: pytest.C
     assert _run(work) == process.EXIT_OK
 
     out, err = capsys.readouterr()
-    assert _one_line(out) == "SUCCESS in3.dat -> out3.dat 2500 bytes"
+    assert one_line(out) == "SUCCESS in3.dat -> out3.dat 2500 bytes"
     assert err == ""
     assert (work / "out3.dat").read_bytes() == _expected(work)
     assert set(os.listdir(work)) == before | {"out3.dat"}, "no temp file may remain"
@@ -170,7 +146,7 @@ def test_tiling_rule_on_the_command_line(
 
     assert _run(tmp_path, input="in.dat", kernel="k.dat", output="out.dat") == process.EXIT_OK
 
-    assert _one_line(capsys.readouterr().out) == f"SUCCESS in.dat -> out.dat {input_size} bytes"
+    assert one_line(capsys.readouterr().out) == f"SUCCESS in.dat -> out.dat {input_size} bytes"
     assert (tmp_path / "out.dat").read_bytes() == _expected(tmp_path, "in.dat", "k.dat")
 
 
@@ -207,7 +183,7 @@ def test_bad_name_is_a_usage_error(work: Path, capsys: pytest.CaptureFixture[str
 
     out, err = capsys.readouterr()
     assert out == ""
-    line = _one_line(err)
+    line = one_line(err)
     assert line.startswith("process.py: usage error: argument --" + option), line
     assert set(os.listdir(work)) == before
 
@@ -230,19 +206,9 @@ def test_usage_errors(work: Path, capsys: pytest.CaptureFixture[str], argv: list
 
     assert process.main([arg.format(work=work) for arg in argv]) == process.EXIT_USAGE
 
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith("process.py: usage error:") and message in line, line
     assert {name: (work / name).read_bytes() for name in os.listdir(work)} == before
-
-
-def _make_directory(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    path.mkdir()
-
-
-def _make_symlink_loop(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    path.symlink_to(path.name)
 
 
 def _make_growing(path: Path) -> None:
@@ -255,21 +221,21 @@ def _make_empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
-def _remove(path: Path) -> None:
-    path.unlink()
-
-
 @pytest.mark.parametrize(
     ("target", "damage", "code", "message"),
     [
-        pytest.param("in3.dat", _remove, 3, "input {work}/in3.dat does not exist", id="missing-input"),
-        pytest.param("kernel.dat", _remove, 4, "kernel {work}/kernel.dat does not exist", id="missing-kernel"),
+        pytest.param("in3.dat", helpers.remove, 3, "input {work}/in3.dat does not exist", id="missing-input"),
+        pytest.param("kernel.dat", helpers.remove, 4, "kernel {work}/kernel.dat does not exist", id="missing-kernel"),
         pytest.param("kernel.dat", _make_empty, 5, "kernel {work}/kernel.dat is empty", id="empty-kernel"),
-        pytest.param("in3.dat", _make_directory, 6, "input {work}/in3.dat is a directory", id="input-is-directory"),
-        pytest.param("kernel.dat", _make_directory, 6, "kernel {work}/kernel.dat is a directory", id="kernel-is-dir"),
+        pytest.param(
+            "in3.dat", helpers.make_directory, 6, "input {work}/in3.dat is a directory", id="input-is-directory"
+        ),
+        pytest.param(
+            "kernel.dat", helpers.make_directory, 6, "kernel {work}/kernel.dat is a directory", id="kernel-is-dir"
+        ),
         # Tests run as root, where chmod 000 does not stop a read; a symlink loop fails for root too.
-        pytest.param("in3.dat", _make_symlink_loop, 6, "cannot open input", id="input-unreadable"),
-        pytest.param("kernel.dat", _make_symlink_loop, 6, "cannot open kernel", id="kernel-unreadable"),
+        pytest.param("in3.dat", helpers.make_symlink_loop, 6, "cannot open input", id="input-unreadable"),
+        pytest.param("kernel.dat", helpers.make_symlink_loop, 6, "cannot open kernel", id="kernel-unreadable"),
         pytest.param("in3.dat", _make_growing, 6, "grew while being read", id="input-changed-while-read"),
     ],
 )
@@ -288,7 +254,7 @@ def test_input_and_kernel_failures(
 
     out, err = capsys.readouterr()
     assert out == ""
-    line = _one_line(err)
+    line = one_line(err)
     assert line.startswith("process.py: ") and message.format(work=work) in line, line
     assert set(os.listdir(work)) == before, "no output and no temp file may remain"
 
@@ -307,7 +273,7 @@ def test_output_that_is_a_directory_cannot_be_written(work: Path, capsys: pytest
 
     assert _run(work) == process.EXIT_CANNOT_WRITE
 
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith(f"process.py: cannot write output {work}/out3.dat:"), line
     assert (work / "out3.dat").is_dir()
     assert set(os.listdir(work)) == before, "the temp file must be removed"
@@ -318,20 +284,17 @@ def test_write_failure_leaves_no_temp_and_keeps_existing_output(
 ) -> None:
     (work / "out3.dat").write_bytes(b"previous output")
     before = set(os.listdir(work))
-    seen: list[int] = []
 
-    def failing_fsync(fd: int) -> None:
-        seen.append(fd)
+    def failing(call: int) -> None:
         raise OSError(5, "Input/output error")
 
     # The data is fully written to the temp file when fsync fails: the last moment before publishing.
-    monkeypatch.setattr(process.os, "fsync", failing_fsync)
-    code = _run(work)
-    monkeypatch.undo()
+    with helpers.fsync_replaced(monkeypatch, process, failing) as fsync:
+        code = _run(work)
 
     assert code == process.EXIT_CANNOT_WRITE
-    assert seen, "the temp file must be fsynced before it is published"
-    assert "Input/output error" in _one_line(capsys.readouterr().err)
+    assert fsync.calls, "the temp file must be fsynced before it is published"
+    assert "Input/output error" in one_line(capsys.readouterr().err)
     assert (work / "out3.dat").read_bytes() == b"previous output"
     assert set(os.listdir(work)) == before
 
@@ -339,9 +302,9 @@ def test_write_failure_leaves_no_temp_and_keeps_existing_output(
 @pytest.mark.parametrize(
     ("target", "damage"),
     [
-        pytest.param("in3.dat", _remove, id="missing-input"),
+        pytest.param("in3.dat", helpers.remove, id="missing-input"),
         pytest.param("kernel.dat", _make_empty, id="empty-kernel"),
-        pytest.param("in3.dat", _make_directory, id="input-is-directory"),
+        pytest.param("in3.dat", helpers.make_directory, id="input-is-directory"),
     ],
 )
 def test_failure_keeps_existing_output(work: Path, target: str, damage) -> None:
@@ -353,20 +316,10 @@ def test_failure_keeps_existing_output(work: Path, target: str, damage) -> None:
     assert (work / "out3.dat").read_bytes() == b"previous output"
 
 
-def _open_writer_when_read(fifo: Path, proc: subprocess.Popen, seconds: float = 30) -> int:
-    """Open the FIFO's writer end once process.py has opened it for reading, so its handler is in place."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-        if proc.poll() is not None:
-            pytest.fail(f"process.py exited with {proc.returncode} before opening its input: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"process.py did not open its input within {seconds} s")
-        time.sleep(0.02)
+def _script_argv(work: Path) -> list[str]:
+    """process.py run by this interpreter on the ``work`` fixture's task."""
+    argv = [sys.executable, str(SCRIPT), "--data", str(work), "--input", "in3.dat", "--kernel", "kernel.dat"]
+    return argv + ["--output", "out3.dat"]
 
 
 def test_sigterm_stops_the_run_without_output(work: Path) -> None:
@@ -375,38 +328,17 @@ def test_sigterm_stops_the_run_without_output(work: Path) -> None:
     fifo.unlink()
     os.mkfifo(fifo)
     before = set(os.listdir(work))
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--data", str(work), "--input", "in3.dat", "--kernel", "kernel.dat"]
-        + ["--output", "out3.dat"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        writer = _open_writer_when_read(fifo, proc)
-        try:
-            proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=30)
-        finally:
-            os.close(writer)
-    finally:
-        proc.kill()
-        proc.wait()
 
-    assert proc.returncode == process.EXIT_TERMINATED
+    code, out, err = helpers.terminate_while_reading(_script_argv(work), fifo, "process.py")
+
+    assert code == process.EXIT_TERMINATED
     assert out == ""
-    assert _one_line(err) == "process.py: stopped by SIGTERM before the run completed"
+    assert one_line(err) == "process.py: stopped by SIGTERM before the run completed"
     assert set(os.listdir(work)) == before
 
 
 def test_runs_as_a_script(work: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", str(work), "--input", "in3.dat", "--kernel", "kernel.dat"]
-        + ["--output", "out3.dat"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = helpers.run_script(_script_argv(work))
 
     assert (result.returncode, result.stdout, result.stderr) == (0, "SUCCESS in3.dat -> out3.dat 2500 bytes\n", "")
     assert (work / "out3.dat").read_bytes() == _expected(work)
@@ -418,9 +350,7 @@ def test_runs_as_a_script(work: Path) -> None:
 @pytest.fixture
 def job(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A job's layout: the input in input/, the kernel in shared/, an empty output/."""
-    input_dir, shared_dir, output_dir = tmp_path / "input", tmp_path / "shared", tmp_path / "output"
-    for directory in (input_dir, shared_dir, output_dir):
-        directory.mkdir()
+    input_dir, shared_dir, output_dir = helpers.make_dirs(tmp_path, "input", "shared", "output")
     (input_dir / "in3.dat").write_bytes(_random(2500, seed=10).tobytes())
     (shared_dir / "kernel.dat").write_bytes(_random(1000, seed=11).tobytes())
     return input_dir, shared_dir, output_dir
@@ -447,7 +377,7 @@ def test_separate_directories(job: tuple[Path, Path, Path], capsys: pytest.Captu
     assert process.main(_job_argv(*job)) == process.EXIT_OK
 
     out, err = capsys.readouterr()
-    assert (_one_line(out), err) == ("SUCCESS in3.dat -> out3.dat 2500 bytes", "")
+    assert (one_line(out), err) == ("SUCCESS in3.dat -> out3.dat 2500 bytes", "")
     assert os.listdir(output_dir) == ["out3.dat"], "the output only, no temp file"
     assert (output_dir / "out3.dat").read_bytes() == _job_expected(input_dir, shared_dir)
     assert _snapshot(input_dir, shared_dir) == before, "nothing may change in the input or kernel directory"
@@ -503,7 +433,7 @@ def test_defaults_put_kernel_and_output_in_the_data_directory(work: Path, capsys
 
     assert _run(work) == process.EXIT_OK
 
-    assert _one_line(capsys.readouterr().out) == "SUCCESS in3.dat -> out3.dat 2500 bytes"
+    assert one_line(capsys.readouterr().out) == "SUCCESS in3.dat -> out3.dat 2500 bytes"
     assert sorted(os.listdir(work)) == ["in3.dat", "kernel.dat", "out3.dat"]
     assert (work / "out3.dat").read_bytes() == _expected(work)
 
@@ -532,7 +462,7 @@ def test_output_on_the_same_path_as_input_or_kernel_is_refused(
 
     assert process.main(argv + ["--output-dir", output_dir, "--output", target]) == process.EXIT_USAGE
 
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith("process.py: usage error: output ") and "must differ" in line, line
     assert _snapshot(work) == before
 
@@ -557,7 +487,7 @@ def test_missing_kernel_or_output_directory_is_a_usage_error(
 
     out, err = capsys.readouterr()
     assert out == ""
-    assert _one_line(err) == f"process.py: usage error: {role} directory {bad} does not exist or is not a directory"
+    assert one_line(err) == f"process.py: usage error: {role} directory {bad} does not exist or is not a directory"
     assert _snapshot(input_dir, shared_dir, output_dir) == before
 
 
@@ -569,7 +499,7 @@ def test_missing_kernel_names_the_kernel_directory(
 
     assert process.main(_job_argv(*job)) == process.EXIT_NO_KERNEL
 
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line == f"process.py: kernel {shared_dir}/kernel.dat does not exist: stage it in the kernel directory first"
     assert os.listdir(output_dir) == []
 
@@ -583,7 +513,7 @@ def test_write_failure_in_the_output_directory_leaves_nothing(
 
     assert process.main(_job_argv(*job)) == process.EXIT_CANNOT_WRITE
 
-    assert _one_line(capsys.readouterr().err).startswith(f"process.py: cannot write output {output_dir}/out3.dat:")
+    assert one_line(capsys.readouterr().err).startswith(f"process.py: cannot write output {output_dir}/out3.dat:")
     assert os.listdir(output_dir) == ["out3.dat"] and (output_dir / "out3.dat").is_dir()
     assert _snapshot(input_dir, shared_dir) == before
 
@@ -594,37 +524,12 @@ def test_write_failure_in_the_output_directory_leaves_nothing(
 @pytest.fixture(scope="session")
 def process_image(docker_client) -> str:
     """The processing image, built (or found up to date) by scripts/process-image.sh."""
-    from docker.errors import ImageNotFound
-
-    try:
-        docker_client.images.get(BASE_IMAGE)
-    except ImageNotFound:
-        pytest.fail(f"base image {BASE_IMAGE} is absent: build it with scripts/base-image.sh (or `make setup`)")
-    # Always run the script: it is a no-op when the image matches the sources, and rebuilds a stale one.
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "process-image.sh")], capture_output=True, text=True, check=False, timeout=600
-    )
-    if result.returncode != 0:
-        pytest.fail(f"scripts/process-image.sh failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    docker_client.images.get(IMAGE)
-    return IMAGE
+    return helpers.build_image(docker_client, IMAGE)
 
 
 def _run_container(docker_client, image: str, data_dir: Path, args: list[str]) -> tuple[int, str, str]:
-    container = docker_client.containers.run(
-        image,
-        args,
-        volumes={str(data_dir): {"bind": "/data", "mode": "rw"}},
-        network_mode="host",
-        detach=True,
-    )
-    try:
-        status = container.wait(timeout=120)["StatusCode"]
-        out = container.logs(stdout=True, stderr=False).decode()
-        err = container.logs(stdout=False, stderr=True).decode()
-    finally:
-        container.remove(force=True)
-    return status, out, err
+    """The boot worker's way: the staged task's one directory at /data (the entrypoint's --data)."""
+    return helpers.run_container(docker_client, image, args, {data_dir: ("/data", "rw")}, network_mode="host")
 
 
 def test_image_processes_a_task(docker_client, process_image: str, tmp_path: Path) -> None:
@@ -638,7 +543,7 @@ def test_image_processes_a_task(docker_client, process_image: str, tmp_path: Pat
     )
 
     assert status == 0, err
-    assert _one_line(out) == "SUCCESS in3.dat -> out3.dat 2000000 bytes"
+    assert one_line(out) == "SUCCESS in3.dat -> out3.dat 2000000 bytes"
     assert (tmp_path / "out3.dat").read_bytes() == _reference(data, kernel).tobytes()
     assert sorted(os.listdir(tmp_path)) == ["in3.dat", "kernel.dat", "out3.dat"]
 
@@ -652,39 +557,27 @@ def test_image_reports_missing_input(docker_client, process_image: str, tmp_path
 
     assert status == process.EXIT_NO_INPUT
     assert out == ""
-    assert _one_line(err) == "process.py: input /data/in3.dat does not exist: stage it in the data directory first"
+    assert one_line(err) == "process.py: input /data/in3.dat does not exist: stage it in the data directory first"
     assert os.listdir(tmp_path) == ["kernel.dat"]
 
 
 def test_image_runs_the_job_layout(docker_client, process_image: str, tmp_path: Path) -> None:
     """The XOR job's command in a job's mounts: --data on the command line replaces the entrypoint's /data."""
-    input_dir, shared_dir, output_dir = tmp_path / "input", tmp_path / "shared", tmp_path / "output"
-    for directory in (input_dir, shared_dir, output_dir):
-        directory.mkdir()
+    input_dir, shared_dir, output_dir = helpers.make_dirs(tmp_path, "input", "shared", "output")
     data, kernel = _random(2_000_000, seed=12), _random(1000, seed=13)
     (input_dir / "in3.dat").write_bytes(data.tobytes())
     (shared_dir / "kernel.dat").write_bytes(kernel.tobytes())
-    container = docker_client.containers.run(
+
+    status, out, err = helpers.run_container(
+        docker_client,
         process_image,
         ["--data", "/cicc/input", "--input", "in3.dat", "--kernel-dir", "/cicc/shared", "--kernel", "kernel.dat"]
         + ["--output-dir", "/cicc/output", "--output", "out3.dat"],
-        volumes={
-            str(input_dir): {"bind": "/cicc/input", "mode": "ro"},
-            str(shared_dir): {"bind": "/cicc/shared", "mode": "ro"},
-            str(output_dir): {"bind": "/cicc/output", "mode": "rw"},
-        },
-        network_mode="none",
-        detach=True,
+        {input_dir: ("/cicc/input", "ro"), shared_dir: ("/cicc/shared", "ro"), output_dir: ("/cicc/output", "rw")},
     )
-    try:
-        status = container.wait(timeout=120)["StatusCode"]
-        out = container.logs(stdout=True, stderr=False).decode()
-        err = container.logs(stdout=False, stderr=True).decode()
-    finally:
-        container.remove(force=True)
 
     assert status == 0, err
-    assert _one_line(out) == "SUCCESS in3.dat -> out3.dat 2000000 bytes"
+    assert one_line(out) == "SUCCESS in3.dat -> out3.dat 2000000 bytes"
     assert os.listdir(output_dir) == ["out3.dat"]
     assert (output_dir / "out3.dat").read_bytes() == _reference(data, kernel).tobytes()
     assert os.listdir(input_dir) == ["in3.dat"] and os.listdir(shared_dir) == ["kernel.dat"]

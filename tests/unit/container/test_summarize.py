@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -14,34 +13,20 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = ROOT / "container" / "summary" / "summarize.py"
+from ansible_collections.cicc.cloud.tests.unit.container import helpers
+from ansible_collections.cicc.cloud.tests.unit.container.helpers import one_line
+
+SCRIPT = helpers.ROOT / "container" / "summary" / "summarize.py"
 IMAGE = os.environ.get("CICC_SUMMARY_IMAGE", "cicc-summary:latest")
-BASE_IMAGE = os.environ.get("CICC_BASE_IMAGE", "cicc-base:bookworm")
 MIB = 1024 * 1024
 OUTPUTS = ["histogram.npy", "summary.json"]
 
-
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cicc_container_summarize", path)
-    module = importlib.util.module_from_spec(spec)
-    # Keep container/summary/ free of __pycache__: it is the image's build context.
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = saved
-    return module
-
-
-summarize = _load(SCRIPT)
+summarize = helpers.load_program("cicc_container_summarize", SCRIPT)
 
 
 def _expected(name: str, data: bytes) -> dict[str, object]:
@@ -57,12 +42,6 @@ def _expected(name: str, data: bytes) -> dict[str, object]:
         "zero_bytes": data.count(0),
         "distinct_bytes": len(counts),
     }
-
-
-def _one_line(text: str) -> str:
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected exactly one line, got {lines!r}"
-    return lines[0]
 
 
 def _random_bytes(size: int, seed: int) -> bytes:
@@ -93,9 +72,7 @@ INPUTS = [
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    input_dir, output_dir = tmp_path / "input", tmp_path / "output"
-    input_dir.mkdir()
-    output_dir.mkdir()
+    input_dir, output_dir = helpers.make_dirs(tmp_path, "input", "output")
     return input_dir, output_dir
 
 
@@ -150,7 +127,7 @@ def test_summary_and_histogram_match_an_independent_recomputation(
     assert _run(path, dirs[1]) == summarize.EXIT_OK
 
     out, err = capsys.readouterr()
-    assert (_one_line(out), err) == (f"SUCCESS in3.dat -> summary.json histogram.npy {len(data)} bytes", "")
+    assert (one_line(out), err) == (f"SUCCESS in3.dat -> summary.json histogram.npy {len(data)} bytes", "")
     _check_outputs(dirs[1], "in3.dat", data)
     assert sorted(os.listdir(dirs[1])) == OUTPUTS, "the two outputs only, no temp file"
     assert os.listdir(dirs[0]) == ["in3.dat"] and path.read_bytes() == data
@@ -188,7 +165,7 @@ def test_input_name_is_the_base_name(dirs: tuple[Path, Path], capsys: pytest.Cap
 
     assert _run(nested / "task 7.bin", dirs[1]) == summarize.EXIT_OK
 
-    assert _one_line(capsys.readouterr().out) == "SUCCESS task 7.bin -> summary.json histogram.npy 3 bytes"
+    assert one_line(capsys.readouterr().out) == "SUCCESS task 7.bin -> summary.json histogram.npy 3 bytes"
     _check_outputs(dirs[1], "task 7.bin", b"abc")
 
 
@@ -250,30 +227,16 @@ def test_usage_errors(
     assert summarize.main([arg.format(**names) for arg in argv]) == summarize.EXIT_USAGE
 
     out, err = capsys.readouterr()
-    line = _one_line(err)
+    line = one_line(err)
     assert out == ""
     assert line.startswith("summarize.py: usage error:") and message.format(**names) in line, line
     assert os.listdir(dirs[1]) == []
-
-
-def _make_directory(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    path.mkdir()
-
-
-def _make_symlink_loop(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    path.symlink_to(path.name)
 
 
 def _make_io_error(path: Path) -> None:
     # Reading /proc/self/mem at offset 0 (an unmapped address) fails with EIO, for root too.
     path.unlink(missing_ok=True)
     path.symlink_to("/proc/self/mem")
-
-
-def _remove(path: Path) -> None:
-    path.unlink()
 
 
 def _keep(path: Path) -> None:
@@ -283,10 +246,10 @@ def _keep(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "suffix", "code", "message"),
     [
-        pytest.param(_remove, "", 3, "input {path} does not exist: stage it first", id="missing"),
-        pytest.param(_make_directory, "", 6, "input {path} is a directory, not a file", id="directory"),
+        pytest.param(helpers.remove, "", 3, "input {path} does not exist: stage it first", id="missing"),
+        pytest.param(helpers.make_directory, "", 6, "input {path} is a directory, not a file", id="directory"),
         # Tests run as root, where chmod 000 does not stop a read; a symlink loop fails for root too.
-        pytest.param(_make_symlink_loop, "", 6, "cannot open input {path}: Too many levels of symbolic links",
+        pytest.param(helpers.make_symlink_loop, "", 6, "cannot open input {path}: Too many levels of symbolic links",
                      id="unopenable"),
         pytest.param(_make_io_error, "", 6, "cannot read input {path}: Input/output error", id="io-error"),
         # in3.dat/x: a path through a file, ENOTDIR on open.
@@ -305,7 +268,7 @@ def test_input_failures(
 
     out, err = capsys.readouterr()
     assert out == ""
-    assert _one_line(err) == "summarize.py: " + message.format(path=target)
+    assert one_line(err) == "summarize.py: " + message.format(path=target)
     assert os.listdir(dirs[1]) == [], "no output and no temp file may remain"
 
 
@@ -323,7 +286,7 @@ def test_permission_denied_is_unreadable(
     monkeypatch.undo()
 
     assert code == summarize.EXIT_UNREADABLE
-    assert _one_line(capsys.readouterr().err) == f"summarize.py: cannot open input {path}: Permission denied"
+    assert one_line(capsys.readouterr().err) == f"summarize.py: cannot open input {path}: Permission denied"
     assert os.listdir(dirs[1]) == []
 
 
@@ -338,7 +301,7 @@ def test_output_name_taken_by_a_directory_cannot_be_written(
 
     assert _run(_stage(dirs, b"data"), dirs[1]) == summarize.EXIT_CANNOT_WRITE
 
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith(f"summarize.py: cannot write output {dirs[1]}/{blocked}:"), line
     assert sorted(os.listdir(dirs[1])) == OUTPUTS, "the temp files must be removed"
     assert (dirs[1] / blocked).is_dir()
@@ -349,20 +312,17 @@ def test_write_failure_leaves_no_temp_and_keeps_existing_outputs(
 ) -> None:
     for name in OUTPUTS:
         (dirs[1] / name).write_bytes(b"previous output")
-    seen: list[int] = []
 
-    def failing_fsync(fd: int) -> None:
-        seen.append(fd)
+    def failing(call: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     path = _stage(dirs, _random_bytes(10_000, seed=10))
-    monkeypatch.setattr(summarize.os, "fsync", failing_fsync)
-    code = _run(path, dirs[1])
-    monkeypatch.undo()
+    with helpers.fsync_replaced(monkeypatch, summarize, failing) as fsync:
+        code = _run(path, dirs[1])
 
     assert code == summarize.EXIT_CANNOT_WRITE
-    assert seen, "each temp file must be fsynced before it is published"
-    assert _one_line(capsys.readouterr().err) == (
+    assert fsync.calls, "each temp file must be fsynced before it is published"
+    assert one_line(capsys.readouterr().err) == (
         f"summarize.py: cannot write output {dirs[1]}/histogram.npy: Input/output error"
     )
     assert sorted(os.listdir(dirs[1])) == OUTPUTS
@@ -373,22 +333,17 @@ def test_second_output_failing_removes_both_temp_files(
     dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """summary.json fails after histogram.npy's temp is complete: neither is published, no temp remains."""
-    real_fsync = os.fsync
-    calls: list[int] = []
 
-    def second_fsync_fails(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 2:
+    def second_fails(call: int) -> None:
+        if call == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
 
     path = _stage(dirs, b"data")
-    monkeypatch.setattr(summarize.os, "fsync", second_fsync_fails)
-    code = _run(path, dirs[1])
-    monkeypatch.undo()
+    with helpers.fsync_replaced(monkeypatch, summarize, second_fails):
+        code = _run(path, dirs[1])
 
     assert code == summarize.EXIT_CANNOT_WRITE
-    assert "summary.json: No space left on device" in _one_line(capsys.readouterr().err)
+    assert "summary.json: No space left on device" in one_line(capsys.readouterr().err)
     assert os.listdir(dirs[1]) == []
 
 
@@ -396,69 +351,38 @@ def test_sigterm_while_writing_removes_the_temp_files(
     dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A SIGTERM that arrives while the outputs are written (simulated at the second fsync) leaves nothing."""
-    real_fsync = os.fsync
-    calls: list[int] = []
 
-    def terminated_at_second_fsync(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 2:
+    def terminated_at_second(call: int) -> None:
+        if call == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        real_fsync(fd)
 
     path = _stage(dirs, _random_bytes(5000, seed=11))
-    monkeypatch.setattr(summarize.os, "fsync", terminated_at_second_fsync)
-    code = _run(path, dirs[1])
-    monkeypatch.undo()
+    with helpers.fsync_replaced(monkeypatch, summarize, terminated_at_second):
+        code = _run(path, dirs[1])
 
     assert code == summarize.EXIT_TERMINATED
     out, err = capsys.readouterr()
     assert out == ""
-    assert _one_line(err) == "summarize.py: stopped by SIGTERM before the run completed"
+    assert one_line(err) == "summarize.py: stopped by SIGTERM before the run completed"
     assert os.listdir(dirs[1]) == []
     assert signal.getsignal(signal.SIGTERM) is not summarize._on_sigterm, "the handler must be restored"
-
-
-def _open_writer_when_read(fifo: Path, proc: subprocess.Popen, seconds: float = 30) -> int:
-    """Open the FIFO's writer end once summarize.py has opened it for reading, so its handler is in place."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-        if proc.poll() is not None:
-            pytest.fail(f"summarize.py exited with {proc.returncode} before opening its input: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"summarize.py did not open its input within {seconds} s")
-        time.sleep(0.02)
 
 
 def test_sigterm_stops_the_run_without_output(dirs: tuple[Path, Path]) -> None:
     """A run blocked on its input (a FIFO with a silent writer) stops on SIGTERM with 143 and leaves nothing."""
     fifo = dirs[0] / "in3.dat"
     os.mkfifo(fifo)
-    proc = subprocess.Popen(
-        [sys.executable, "-B", str(SCRIPT), "--input", str(fifo), "--output-dir", str(dirs[1])],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        writer = _open_writer_when_read(fifo, proc)
-        try:
-            os.write(writer, b"part of the input")
-            proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=30)
-        finally:
-            os.close(writer)
-    finally:
-        proc.kill()
-        proc.wait()
 
-    assert proc.returncode == summarize.EXIT_TERMINATED
+    code, out, err = helpers.terminate_while_reading(
+        [sys.executable, "-B", str(SCRIPT), "--input", str(fifo), "--output-dir", str(dirs[1])],
+        fifo,
+        "summarize.py",
+        written=b"part of the input",
+    )
+
+    assert code == summarize.EXIT_TERMINATED
     assert out == ""
-    assert _one_line(err) == "summarize.py: stopped by SIGTERM before the run completed"
+    assert one_line(err) == "summarize.py: stopped by SIGTERM before the run completed"
     assert os.listdir(dirs[1]) == []
 
 
@@ -469,12 +393,7 @@ def test_runs_as_a_script(dirs: tuple[Path, Path]) -> None:
     data = _random_bytes(MIB + 17, seed=12)
     path = _stage(dirs, data)
 
-    result = subprocess.run(
-        [sys.executable, "-B", str(SCRIPT), "--input", str(path), "--output-dir", str(dirs[1])],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = helpers.run_script([sys.executable, "-B", str(SCRIPT), "--input", str(path), "--output-dir", str(dirs[1])])
 
     expected = (0, f"SUCCESS in3.dat -> summary.json histogram.npy {MIB + 17} bytes\n", "")
     assert (result.returncode, result.stdout, result.stderr) == expected
@@ -511,43 +430,14 @@ def test_memory_stays_flat(tmp_path: Path) -> None:
 @pytest.fixture(scope="session")
 def summary_image(docker_client) -> str:
     """The summary image, built (or found up to date) by scripts/process-image.sh."""
-    from docker.errors import ImageNotFound
-
-    try:
-        docker_client.images.get(BASE_IMAGE)
-    except ImageNotFound:
-        pytest.fail(f"base image {BASE_IMAGE} is absent: build it with scripts/base-image.sh (or `make setup`)")
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "process-image.sh"), "container/summary", IMAGE],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"scripts/process-image.sh failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    docker_client.images.get(IMAGE)
-    return IMAGE
+    return helpers.build_image(docker_client, IMAGE, "container/summary", IMAGE)
 
 
 def _run_container(docker_client, image: str, input_dir: Path, output_dir: Path, args: list[str]):
-    container = docker_client.containers.run(
-        image,
-        args,
-        volumes={
-            str(input_dir): {"bind": "/cicc/input", "mode": "ro"},
-            str(output_dir): {"bind": "/cicc/output", "mode": "rw"},
-        },
-        network_mode="none",
-        detach=True,
+    """A job's mounts: the input read-only at /cicc/input, the outputs at /cicc/output, no network."""
+    return helpers.run_container(
+        docker_client, image, args, {input_dir: ("/cicc/input", "ro"), output_dir: ("/cicc/output", "rw")}
     )
-    try:
-        status = container.wait(timeout=120)["StatusCode"]
-        out = container.logs(stdout=True, stderr=False).decode()
-        err = container.logs(stdout=False, stderr=True).decode()
-    finally:
-        container.remove(force=True)
-    return status, out, err
 
 
 def test_image_summarizes_a_task(docker_client, summary_image: str, dirs: tuple[Path, Path]) -> None:
@@ -559,7 +449,7 @@ def test_image_summarizes_a_task(docker_client, summary_image: str, dirs: tuple[
     )
 
     assert status == 0, err
-    assert _one_line(out) == "SUCCESS in3.dat -> summary.json histogram.npy 2000000 bytes"
+    assert one_line(out) == "SUCCESS in3.dat -> summary.json histogram.npy 2000000 bytes"
     _check_outputs(dirs[1], "in3.dat", data)
     assert sorted(os.listdir(dirs[1])) == OUTPUTS
 
@@ -571,7 +461,7 @@ def test_image_reports_missing_input(docker_client, summary_image: str, dirs: tu
 
     assert status == summarize.EXIT_NO_INPUT
     assert out == ""
-    assert _one_line(err) == "summarize.py: input /cicc/input/in3.dat does not exist: stage it first"
+    assert one_line(err) == "summarize.py: input /cicc/input/in3.dat does not exist: stage it first"
     assert os.listdir(dirs[1]) == []
 
 
@@ -579,4 +469,4 @@ def test_image_labels(docker_client, summary_image: str) -> None:
     labels = docker_client.images.get(summary_image).labels
     assert labels["org.opencontainers.image.title"] == "cicc-summary"
     assert len(labels["cicc.source-hash"]) == 64
-    assert labels["cicc.base-id"] == docker_client.images.get(BASE_IMAGE).id
+    assert labels["cicc.base-id"] == docker_client.images.get(helpers.BASE_IMAGE).id
