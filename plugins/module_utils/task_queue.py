@@ -483,7 +483,7 @@ def publish_file(client, queue: Queue, lease: Lease, key: str, path) -> dict:
     manifest, or a deterministic command run again) counts as published; one with other bytes raises
     OutputConflict and is left as it is. Returns {"key", "size", "etag", "existing"}."""
     ensure_live(client, queue, lease)
-    size, md5 = os.path.getsize(path), _md5(path)
+    size = os.path.getsize(path)
     try:
         with open(path, "rb") as body:
             etag = _put(client, queue.bucket, key, body, IfNoneMatch="*")
@@ -491,7 +491,8 @@ def publish_file(client, queue: Queue, lease: Lease, key: str, path) -> dict:
     except Exception as error:  # noqa: BLE001
         if not _is(error, _PRECONDITION):
             raise
-    head = client.head_object(Bucket=queue.bucket, Key=key)
+    # Read the file again only then: an upload is one read of it.
+    head, md5 = client.head_object(Bucket=queue.bucket, Key=key), _md5(path)
     if head["ETag"].strip('"') != md5:
         raise OutputConflict(
             f"output s3://{queue.bucket}/{key} exists with other content than task {lease.name} produced "
