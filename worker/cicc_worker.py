@@ -38,6 +38,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -96,6 +97,8 @@ class Settings:
     # The instance metadata service, asked every spot_poll_seconds for a spot interruption notice.
     metadata_url: str = IMDS
     spot_poll_seconds: int = 5
+    # How long S3 may stay unreachable (or throttle every request) before the worker gives up.
+    s3_patience_seconds: int = 600
     exit_action: str = "none"
 
     @classmethod
@@ -152,6 +155,17 @@ def split_s3_url(url: str) -> tuple[str, str]:
     if not url.startswith("s3://") or not bucket or not key:
         raise Unworkable(f"the job {url!r} is not an s3://BUCKET/KEY address")
     return bucket, key
+
+
+def read_job_patiently(client, settings: Settings) -> jobs.Job:
+    """read_job, waiting out an S3 outage at boot rather than ending the machine over it."""
+    patience = Patience(settings.s3_patience_seconds)
+    while True:
+        try:
+            return read_job(client, settings.job)
+        except Unworkable as error:
+            if not (task_queue.transient(error.__cause__) and patience.wait(error.__cause__)):
+                raise
 
 
 def read_job(client, location: str) -> jobs.Job:
@@ -215,6 +229,34 @@ class Claimed:
     staged: dict
     claimed_at: float
     staged_at: float
+
+
+class Patience:
+    """Waits out an S3 outage or throttling that outlasted the client's own retries: longer and longer
+    pauses with jitter, until S3 has failed for ``seconds`` in a row (then wait() says so)."""
+
+    def __init__(self, seconds: float, halt: threading.Event | None = None) -> None:
+        self.seconds, self.halt = seconds, halt or threading.Event()
+        self._since: float | None = None
+        self._waits = 0
+
+    def wait(self, error: BaseException) -> bool:
+        """After a transient S3 error: pause and return True, or False once patience is spent."""
+        now = time.monotonic()
+        self._since = self._since if self._since is not None else now
+        if self.halt.is_set():  # stopping: no pause, the caller's loop sees the stop and ends
+            return True
+        if now - self._since >= self.seconds:
+            return False
+        pause = min(30.0, 2.0**self._waits) * random.uniform(0.5, 1.0)
+        self._waits += 1
+        LOG.warning("S3 unavailable (%s): trying again in %.1f s", error, pause)
+        self.halt.wait(pause)
+        return True
+
+    def reset(self) -> None:
+        """S3 answered: the next outage gets the whole patience again."""
+        self._since, self._waits = None, 0
 
 
 class Prefetch(threading.Thread):
@@ -529,46 +571,68 @@ class Worker:
         """One slot's loop until nothing is left, the limit is reached or a notice came: while one task's
         container runs, the next task is claimed and its input staged (prefetch), so the slot does not
         wait for downloads. The look ahead does not wait for tasks that others hold (one may be this
-        slot's own); once the task in hand is done, the slot looks again, patiently."""
+        slot's own); once the task in hand is done, the slot looks again, patiently. An S3 outage is
+        waited out: the task in hand when it came is left to its lease (another slot or worker takes
+        it over once the lease has run out) and the slot goes on with the task it claimed ahead."""
         owner = self.owner if self.slots == 1 else f"{self.owner}#{number}"
         picker = task_queue.TaskPicker(
             self.client, self.queue, owner, self.settings.instance_id, min(5.0, self.settings.lease_seconds / 4)
         )
-        following = None
-        try:
-            current = self._take(picker)
-            while current is not None:
+        patience = Patience(self.settings.s3_patience_seconds, self._stop)
+        current = following = None
+        while True:
+            try:
+                current = current or self._take(picker)
+                if current is None:
+                    break
                 following = Prefetch(self._take, picker, False)
                 self.work(current)
+                patience.reset()
                 with self._lock:
                     due = self.done and len(self.done) % self.settings.compact_every == 0
                 if due:
                     self._compact(min_batch=self.settings.compact_every)
-                current, following = following.result() or self._take(picker), None
-        except Exception:  # noqa: BLE001 - one slot's unexpected error must not leave the others' work unlogged
-            LOG.exception("slot %d stopped by an unexpected error", number)
-            self.failed_slots += 1
-            self._give_back_staged(following)
+                current, following = following.result(), None
+            except Exception as error:  # noqa: BLE001 - one slot's error must not leave the others' work unlogged
+                current, following = self._staged_ahead(following), None
+                if task_queue.transient(error) and patience.wait(error):
+                    continue
+                LOG.exception("slot %d stopped by an unexpected error", number)
+                self.failed_slots += 1
+                self._give_back_staged(current)
+                break
         with self._lock:
             self._rejected = self._rejected or picker.rejected
 
-    def _give_back_staged(self, prefetch: Prefetch | None) -> None:
-        """A task claimed ahead for a slot that stopped: given back at once, the attempt not counted."""
+    @staticmethod
+    def _staged_ahead(prefetch: Prefetch | None) -> Claimed | None:
+        """What the look ahead claimed, once it is done; None if it claimed nothing or failed."""
         try:
-            staged = prefetch.result() if prefetch else None
-            if staged is not None:
-                staged.heartbeat.stop()
-                task_queue.release(self.client, self.queue, staged.lease)
-                self._let_go(staged.lease, staged.task_dir)
+            return prefetch.result() if prefetch else None
+        except Exception:  # noqa: BLE001 - what it claimed, if anything, is left to its lease
+            return None
+
+    def _give_back_staged(self, staged: Claimed | None) -> None:
+        """A task claimed ahead for a slot that stopped: given back at once, the attempt not counted."""
+        if staged is None:
+            return
+        staged.heartbeat.stop()
+        try:
+            task_queue.release(self.client, self.queue, staged.lease)
         except Exception as error:  # noqa: BLE001 - its lease runs out and another worker takes it over
             LOG.warning("could not give back the task claimed ahead: %s", error)
+        self._let_go(staged.lease, staged.task_dir)
 
     def _take(self, picker: task_queue.TaskPicker, patient: bool = True) -> Claimed | None:
         """Claim the next task and stage its input, its lease renewed from the claim on. A task whose
         input cannot be staged is recorded failed, and the next one taken. None when nothing is left
         (or, not ``patient``, nothing is free now)."""
         while not self._interrupted() and self._reserve():
-            lease = picker.next(stopped=self._interrupted, wait=patient, mine=self._holding)
+            try:
+                lease = picker.next(stopped=self._interrupted, wait=patient, mine=self._holding)
+            except BaseException:
+                self._unreserve()
+                raise
             if lease is None:
                 self._unreserve()
                 return None
@@ -920,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not settings.job:
             raise Unworkable('no job: the user data names none ({"job": "s3://BUCKET/PREFIX/job.json"}) nor does --job')
-        job = read_job(client, settings.job)
+        job = read_job_patiently(client, settings)
         worker = Worker(settings, client, job, runner, owner=owner, spot_watch=spot_watch)
         log_bucket, log_key = job.bucket, worker.log_key
         stop_on_signals(worker)

@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
 try:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, ConnectionError as S3ConnectionError, HTTPClientError
 except ImportError:  # pragma: no cover - the callers check for boto3 and say what to install
-    ClientError = None
+    ClientError = S3ConnectionError = HTTPClientError = None
 
 TASKLIST = "tasklist.txt"
 COMPLETED = "completed.txt"
@@ -68,6 +68,7 @@ _PRECONDITION = ("PreconditionFailed", "412")
 _CONFLICT = ("ConditionalRequestConflict", "409", "OperationAborted")
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _DENIED = ("AccessDenied", "403")
+_THROTTLED = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "503")
 
 
 class QueueError(Exception):
@@ -254,6 +255,20 @@ def _code(error: Exception) -> str:
 
 def _is(error: Exception, codes: tuple[str, ...]) -> bool:
     return ClientError is not None and isinstance(error, ClientError) and _code(error) in codes
+
+
+def transient(error: BaseException) -> bool:
+    """Whether an S3 error passes by itself: throttling, a server error, or the network (a connection
+    refused, dropped or timed out). What the client's own retries did not get through is worth waiting
+    out; every step of the protocol is conditional writes, so taking one up again is safe."""
+    if ClientError is None:
+        return False
+    if isinstance(error, (S3ConnectionError, HTTPClientError)):
+        return True
+    if not isinstance(error, ClientError):
+        return False
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status >= 500 or _code(error) in _THROTTLED
 
 
 def _backoff(attempt: int) -> None:
@@ -563,8 +578,12 @@ def _record_failed(client, queue: Queue, lease: Lease, reason: str) -> None:
 
 def _delete_lock(client, queue: Queue, lease: Lease) -> bool:
     """Delete the lock only if it is still ours. Returns False when it no longer was."""
+    return _delete_unchanged_lock(client, queue, lease.name, lease.etag)
+
+
+def _delete_unchanged_lock(client, queue: Queue, name: str, etag: str) -> bool:
     try:
-        client.delete_object(Bucket=queue.bucket, Key=queue.lock_key(lease.name), IfMatch=lease.etag)
+        client.delete_object(Bucket=queue.bucket, Key=queue.lock_key(name), IfMatch=etag)
     except Exception as error:  # noqa: BLE001
         if _is(error, _PRECONDITION + _MISSING):
             return False
@@ -588,11 +607,12 @@ def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> di
     """Fold the journal into completed.txt / failed.txt, and drop finished names and lines that
     are not names (recorded in rejected.txt) from tasklist.txt. Every list write is conditional
     on the ETag read; on a conflict everything is re-read and re-applied, so concurrent
-    compactions and people editing the tasklist lose nothing. Returns what moved."""
+    compactions and people editing the tasklist lose nothing. ``force`` (a worker at its end, a
+    person) folds any batch and also lets go of locks left on finished tasks. Returns what moved."""
     journal = _journal(client, queue)
     journaled = sum(len(keys) for keys in journal.values())
     if journaled < min_batch and not force:
-        return {"completed": 0, "failed": 0, "rejected": 0, "conflicts": 0}
+        return {"completed": 0, "failed": 0, "rejected": 0, "conflicts": 0, "locks": 0}
     finished = {state: {key.rsplit("/", 1)[1] for key in keys} for state, keys in journal.items()}
     for attempt in range(20):
         try:
@@ -607,8 +627,23 @@ def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> di
             chunk = [{"Key": key} for key in done_keys[start : start + 1000]]
             client.delete_objects(Bucket=queue.bucket, Delete={"Objects": chunk, "Quiet": True})
         moved["conflicts"] = attempt
+        moved["locks"] = _let_go_finished_locks(client, queue) if force else 0
         return moved
     raise QueueError("the lists kept changing under compaction; try again")
+
+
+def _let_go_finished_locks(client, queue: Queue) -> int:
+    """Delete the locks left on finished tasks: their holder stopped between journaling the task and
+    letting go of its lock (killed, or S3 went away), and no claim looks at a finished task again.
+    Each is deleted only if unchanged since read; a holder still finishing finds its lock gone, which
+    it takes in its stride. Returns how many went."""
+    let_go = 0
+    for key in _list_keys(client, queue.bucket, queue.lock_key("")):
+        name = key.rsplit("/", 1)[1]
+        found = _get(client, queue.bucket, key)
+        if found and finished_state(client, queue, name) and _delete_unchanged_lock(client, queue, name, found[1]):
+            let_go += 1
+    return let_go
 
 
 def _read_list(client, queue: Queue, list_name: str) -> tuple[bytes, dict]:

@@ -226,6 +226,11 @@ compacted:
       type: int
       returned: always
       sample: 0
+    locks:
+      description: Locks left on finished tasks (their worker stopped before letting go), deleted.
+      type: int
+      returned: always
+      sample: 0
 """
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
@@ -238,9 +243,9 @@ from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queu
 
 def compact(client, queue, status):
     """Fold the journal; returns (changed, what moved). Any journal entry or rejected line means a write: the
-    entry is deleted once folded, the line moved out of the tasklist."""
+    entry is deleted once folded, the line moved out of the tasklist; so does a lock let go of."""
     moved = task_queue.compact(client, queue, force=True)
-    counts = {state: moved[state] for state in ("completed", "failed", "rejected")}
+    counts = {state: moved[state] for state in ("completed", "failed", "rejected", "locks")}
     return bool(status["journaled"] or status["rejected"] or any(counts.values())), counts
 
 

@@ -118,7 +118,7 @@ def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, emulat
     assert _keys(s3, queue_bucket, "locks/") == []
 
     info = ok("task_info", bucket=queue_bucket, compact=True)
-    assert info["changed"] and info["compacted"] == {"completed": 1, "failed": 0, "rejected": 0}
+    assert info["changed"] and info["compacted"] == {"completed": 1, "failed": 0, "rejected": 0, "locks": 0}
     queue = info["queue"]
     assert queue["pending_tasks"] == ["in1.dat", "in2.dat"] and queue["pending"] == 2
     assert (queue["completed"], queue["failed"], queue["claimed"], queue["journaled"]) == (1, 0, 0, 0)

@@ -427,14 +427,19 @@ def test_slots_run_two_tasks_of_one_machine_at_once(s3, bucket, make_worker, inl
     names = [f"in{i}.dat" for i in range(6)]
     _upload(s3, bucket, {"kernel.dat": b"k", **{name: name.encode() for name in names}})
     _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
-    together = threading.Barrier(2, timeout=20)
+    together, met = threading.Barrier(2, timeout=30), set()
 
     class InPairs:
         def prepare(self, job, fetch):
             return ""
 
         def run(self, job, task, dirs, image_id):
-            together.wait()  # returns only when the other slot is running a task too
+            # A slot's first task returns only once the other slot runs a task too: two at once. Later
+            # tasks go as they come (a slot may end up with more tasks than the other).
+            slot = threading.current_thread().name
+            if slot not in met:
+                met.add(slot)
+                together.wait()
             return inline_runner.run(job, task, dirs, image_id)
 
         def cancel(self):
@@ -599,31 +604,50 @@ def test_an_unexpected_error_in_a_slot_ends_the_run_as_an_error(s3, bucket, make
     assert _keys(s3, bucket, "failed/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\nin2.dat\n"
 
 
-class _ThrottlingProxy(http.server.ThreadingHTTPServer):
-    """S3 on 127.0.0.1 as it answers under load: every ``every``-th request gets 503 SlowDown (or 500
-    InternalError, every ``every_500``-th) without reaching the emulator - S3 did not perform it - and the
-    others are passed on to the emulator as they are."""
+class _FaultyS3(http.server.ThreadingHTTPServer):
+    """S3 on 127.0.0.1 as it answers under load or in an outage: every ``every``-th request gets 503
+    SlowDown (or 500 InternalError, every ``every_500``-th; 0: never) without reaching the emulator - S3
+    did not perform it -, and during an ``outage()`` every connection is dropped unanswered. The other
+    requests are passed on to the emulator as they are."""
 
-    def __init__(self, upstream: str, every: int = 3, every_500: int = 7) -> None:
+    def __init__(self, upstream: str, every: int = 0, every_500: int = 0) -> None:
         self.upstream = urlparse(upstream)
         self.every, self.every_500 = every, every_500
-        self.count = self.refused = 0
+        self.count = self.refused = self.dropped = 0
+        self.down_until = 0.0
         self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _ThrottlingHandler)
+        super().__init__(("127.0.0.1", 0), _FaultyS3Handler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
+    def outage(self, seconds: float) -> None:
+        self.down_until = time.monotonic() + seconds
 
-class _ThrottlingHandler(http.server.BaseHTTPRequestHandler):
+    def is_down(self) -> bool:
+        if time.monotonic() >= self.down_until:
+            return False
+        with self.lock:
+            self.dropped += 1
+        return True
+
+    def verify_request(self, request, client_address) -> bool:
+        return not self.is_down()  # a new connection in an outage: closed at once
+
+
+class _FaultyS3Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _relay(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.is_down():  # a kept-alive connection in an outage: closed unanswered
+            self.close_connection = True
+            return
         with self.server.lock:
             self.server.count += 1
             count = self.server.count
-        if count % self.server.every_500 == 0 or count % self.server.every == 0:
-            code, error = (500, "InternalError") if count % self.server.every_500 == 0 else (503, "SlowDown")
+        server_error = self.server.every_500 and count % self.server.every_500 == 0
+        if server_error or (self.server.every and count % self.server.every == 0):
+            code, error = (500, "InternalError") if server_error else (503, "SlowDown")
             with self.server.lock:
                 self.server.refused += 1
             payload = f"<Error><Code>{error}</Code><Message>try again</Message></Error>".encode()
@@ -663,7 +687,7 @@ def test_row14_throttled_s3_loses_nothing_and_does_nothing_twice(s3, bucket, emu
     names = [f"in{i:02d}.dat" for i in range(30)]
     _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
     _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
-    proxy = _ThrottlingProxy(emulator)
+    proxy = _FaultyS3(emulator, every=3, every_500=7)
     try:
         workers = [make_worker(inline_runner, owner=f"w{i}", endpoint_url=proxy.url) for i in range(4)]
         assert _run_all(workers) == [0, 0, 0, 0]
@@ -674,3 +698,47 @@ def test_row14_throttled_s3_loses_nothing_and_does_nothing_twice(s3, bucket, emu
     assert sorted(sum((w.done for w in workers), [])) == names and not sum((w.failed for w in workers), [])
     _assert_drained(s3, bucket, names)
     assert len(_keys(s3, bucket, "manifests/")) == len(names)
+
+
+def test_row15_s3_unreachable_for_30_s_workers_wait_and_resume(s3, bucket, emulator, make_worker, inline_runner):
+    """S3 drops every connection for 30 s mid-run: the workers wait and resume; a lease that ran out in the
+    outage is taken over once, and every task still ends completed once, its output published once."""
+    names = [f"in{i:02d}.dat" for i in range(24)]
+    _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
+    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+
+    class Slow:
+        def prepare(self, job, fetch):
+            return ""
+
+        def run(self, job, task, dirs, image_id):
+            time.sleep(0.4)  # so that the outage finds tasks in the middle of their run
+            return inline_runner.run(job, task, dirs, image_id)
+
+        def cancel(self):
+            pass
+
+    proxy = _FaultyS3(emulator)
+    try:
+        settings = {"endpoint_url": proxy.url, "lease_seconds": 10, "slots": 1}
+        workers = [make_worker(Slow(), owner=f"w{i}", **settings) for i in range(3)]
+        codes: list[list[int]] = []
+        run = threading.Thread(target=lambda: codes.append(_run_all(workers)))
+        run.start()
+        while len(inline_runner.runs) < 6 and run.is_alive():
+            time.sleep(0.05)
+        proxy.outage(30)
+        run.join(600)
+    finally:
+        proxy.shutdown()
+    assert codes == [[0, 0, 0]] and proxy.dropped > 0
+    # A task whose completion went unanswered is not in its worker's count; the lists say it is done.
+    _assert_drained(s3, bucket, names)
+    assert not sum((w.failed for w in workers), []) and _keys(s3, bucket, "failed/") == []
+    attempts = {name: json.loads(_body(s3, bucket, f"manifests/{name}.json"))["attempt"] for name in names}
+    taken_over = {name for name, attempt in attempts.items() if attempt == 2}
+    # At most the tasks in hand when S3 went: each worker's current one and the one it claimed ahead.
+    assert max(attempts.values()) <= 2 and len(taken_over) <= 6
+    assert {name for name in names if inline_runner.runs.count(name) > 1} <= taken_over
+    for name in names:
+        assert _body(s3, bucket, f"out{name[2:]}") == _expected(s3, bucket, name)
