@@ -35,6 +35,7 @@ missing: no task is claimed, so nothing is lost).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -55,14 +56,19 @@ from botocore.config import Config
 
 try:
     from ansible_collections.cicc.cloud.plugins.module_utils import job as jobs
+    from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
     from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
-except ImportError:  # on an instance the worker role installs job.py and task_queue.py beside this file
+except ImportError:  # on an instance the worker role installs job.py, run_trace.py and task_queue.py beside this file
     import job as jobs  # type: ignore[no-redef]
+    import run_trace  # type: ignore[no-redef]
     import task_queue  # type: ignore[no-redef]
 
 LOG = logging.getLogger("cicc-worker")
 EXIT_DRAINED, EXIT_ERROR, EXIT_UNWORKABLE = 0, 1, 2
+CODE_VERSION = run_trace.code_version(__file__, task_queue.__file__, jobs.__file__, run_trace.__file__)
 IMDS = "http://169.254.169.254/latest"
+# What the trace says of the machine, besides its instance id (IMDS on AWS, the identity file locally).
+MACHINE_FACTS = ("instance_type", "availability_zone", "market", "ami_id")
 # What an instance's user data may set: which job to run and how much of it, never a credential.
 USER_DATA_SETTINGS = ("job", "max_tasks", "slots", "spectator_pause")
 
@@ -227,8 +233,7 @@ class Claimed:
     task_dir: Path
     heartbeat: Heartbeat
     staged: dict
-    claimed_at: float
-    staged_at: float
+    attempt: run_trace.Attempt
 
 
 class Patience:
@@ -444,13 +449,15 @@ class ProcessRunner:
 class Heartbeat(threading.Thread):
     """Renews a lease every quarter lease until stopped; notes when the lease was lost."""
 
-    def __init__(self, client, queue: task_queue.Queue, lease: task_queue.Lease) -> None:
+    def __init__(self, client, queue: task_queue.Queue, lease: task_queue.Lease, charge=lambda: None) -> None:
         super().__init__(daemon=True)
         self.client, self.queue, self.lease = client, queue, lease
         self.lost = threading.Event()
         self._halt = threading.Event()
+        self._charge = charge  # run in its thread: its requests are the attempt's
 
     def run(self) -> None:
+        self._charge()
         while not self._halt.wait(self.lease.lease_seconds / 4):
             try:
                 task_queue.renew(self.client, self.queue, self.lease)
@@ -493,7 +500,14 @@ class SpotWatch(threading.Thread):
 
 class Worker:
     def __init__(
-        self, settings: Settings, client, job: jobs.Job, runner, owner: str = "", spot_watch: SpotWatch | None = None
+        self,
+        settings: Settings,
+        client,
+        job: jobs.Job,
+        runner,
+        owner: str = "",
+        spot_watch: SpotWatch | None = None,
+        machine: dict | None = None,
     ) -> None:
         self.settings, self.client, self.job, self.runner = settings, client, job, runner
         self.queue = task_queue.Queue(job.bucket, job.prefix, settings.lease_seconds, job.attempts, job.input_prefix)
@@ -516,6 +530,13 @@ class Worker:
         self._stop_reason = ""
         # Slots stopped by an unexpected error: the run then ends with EXIT_ERROR.
         self.failed_slots = 0
+        # What the machine is (instance_metadata), for the trace and the manifests.
+        self.machine = {key: (machine or {}).get(key, "") for key in MACHINE_FACTS}
+        self.requests = run_trace.RequestCounter()
+        self.requests.attach(client)
+        self.started_at = time.time()
+        self.trace: run_trace.TraceLog | None = None
+        self._first_claim_at = self._last_end_at = 0.0
 
     @property
     def log_key(self) -> str:
@@ -523,6 +544,7 @@ class Worker:
 
     def run(self) -> int:
         """Work the queue until it is drained. Returns the exit code."""
+        self.started_at = time.time()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._spectator_pause()
         try:
@@ -532,6 +554,9 @@ class Worker:
             LOG.error("%s; no task claimed", error)
             return EXIT_UNWORKABLE
         self.slots = machine_slots(self.job, self.settings.slots)
+        self.trace = run_trace.TraceLog(
+            self.client, self.job.bucket, self.job.prefix, self.owner, run_trace.run_id(self.started_at), self._common()
+        )
         LOG.info(
             "job %s: image %s%s, %d slot(s) of %s CPU and %d MiB",
             self.job.name,
@@ -565,7 +590,56 @@ class Worker:
             self.owner,
             time.monotonic() - started,
         )
-        return EXIT_ERROR if self.failed_slots else EXIT_DRAINED
+        code = EXIT_ERROR if self.failed_slots else EXIT_DRAINED
+        self._record_run(stopped, code)
+        return code
+
+    def _common(self) -> dict:
+        """What every trace row and the run's record share: the job, this worker, its machine and code."""
+        return {
+            "job": self.job.name,
+            "worker": self.owner,
+            "instance_id": self.settings.instance_id,
+            **self.machine,
+            "image": self.job.image_name,
+            "image_id": self.image_id,
+            "code_version": CODE_VERSION,
+        }
+
+    def _trace(self, attempt: run_trace.Attempt) -> None:
+        with self._lock:
+            self._first_claim_at = min(self._first_claim_at or attempt.claimed_at, attempt.claimed_at)
+            self._last_end_at = max(self._last_end_at, attempt.ended_at or time.time())
+        try:
+            self.trace.add(attempt)
+        except Exception as error:  # noqa: BLE001 - kept for the next batch; the queue state is safe either way
+            LOG.warning("could not write the trace: %s", error)
+
+    def _record_run(self, stopped: str, code: int) -> None:
+        """The trace's last batch, then this run's record (best effort: the queue state is safe either way)."""
+        try:
+            self.trace.flush()
+            record = {
+                **self._common(),
+                "run": run_trace.run_id(self.started_at),
+                "started_at": round(self.started_at, 3),
+                "first_claim_at": round(self._first_claim_at, 3),
+                "last_end_at": round(self._last_end_at, 3),
+                "stopped_at": round(time.time(), 3),
+                "stop_reason": stopped,
+                "exit_code": code,
+                "slots": self.slots,
+                "completed": len(self.done),
+                "failed": len(self.failed),
+                "attempts": self.trace.written,
+                "requests": self.requests.total + 1,  # this record's own PUT included
+                "requests_outside_attempts": self.requests.unattributed + 1,
+            }
+            key = run_trace.worker_key(self.job.prefix, self.owner, record["run"])
+            body = json.dumps(record, indent=1, sort_keys=True).encode()
+            self.client.put_object(Bucket=self.job.bucket, Key=key, Body=body, IfNoneMatch="*")
+        except Exception as error:  # noqa: BLE001
+            LOG.warning("could not write the run's record and trace: %s", error)
 
     def _slot(self, number: int) -> None:
         """One slot's loop until nothing is left, the limit is reached or a notice came: while one task's
@@ -617,45 +691,61 @@ class Worker:
         if staged is None:
             return
         staged.heartbeat.stop()
+        self.requests.charge(staged.attempt)
         try:
             task_queue.release(self.client, self.queue, staged.lease)
+            staged.attempt.ended(run_trace.GIVEN_BACK, "its slot stopped")
         except Exception as error:  # noqa: BLE001 - its lease runs out and another worker takes it over
             LOG.warning("could not give back the task claimed ahead: %s", error)
+            staged.attempt.ended(run_trace.ABANDONED, f"its slot stopped and could not give it back: {error}")
+        finally:
+            self.requests.charge(None)
+        self._trace(staged.attempt)
         self._let_go(staged.lease, staged.task_dir)
 
     def _take(self, picker: task_queue.TaskPicker, patient: bool = True) -> Claimed | None:
         """Claim the next task and stage its input, its lease renewed from the claim on. A task whose
         input cannot be staged is recorded failed, and the next one taken. None when nothing is left
-        (or, not ``patient``, nothing is free now)."""
-        while not self._interrupted() and self._reserve():
-            try:
-                lease = picker.next(stopped=self._interrupted, wait=patient, mine=self._holding)
-            except BaseException:
-                self._unreserve()
-                raise
-            if lease is None:
-                self._unreserve()
-                return None
-            with self._lock:
-                self._held.add(lease.name)
-            LOG.info("claimed %s (attempt %d)", lease.name, lease.attempts)
-            claimed_at = time.time()
-            task_dir = self._task_dir(lease.name)
-            heartbeat = Heartbeat(self.client, self.queue, lease)
-            heartbeat.start()
-            try:
-                staged = self._stage_input(lease.name, task_dir / "input")
-            except task_queue.BadInput as error:
-                heartbeat.stop()
-                self._give_back(lease, error, fail_now=True)
-                self._let_go(lease, task_dir)
-                continue
-            except BaseException:
-                heartbeat.stop()
-                self._let_go(lease, task_dir)
-                raise
-            return Claimed(lease, task_dir, heartbeat, staged, claimed_at, time.time())
-        return None
+        (or, not ``patient``, nothing is free now). The S3 requests on the way are the attempt's."""
+        attempt = run_trace.Attempt("", 0, picker.owner)
+        self.requests.charge(attempt)
+        try:
+            while not self._interrupted() and self._reserve():
+                try:
+                    lease = picker.next(stopped=self._interrupted, wait=patient, mine=self._holding)
+                except BaseException:
+                    self._unreserve()
+                    raise
+                if lease is None:
+                    self._unreserve()
+                    break
+                with self._lock:
+                    self._held.add(lease.name)
+                LOG.info("claimed %s (attempt %d)", lease.name, lease.attempts)
+                attempt.task, attempt.attempt, attempt.claimed_at = lease.name, lease.attempts, time.time()
+                task_dir = self._task_dir(lease.name)
+                heartbeat = Heartbeat(self.client, self.queue, lease, functools.partial(self.requests.charge, attempt))
+                heartbeat.start()
+                try:
+                    staged = self._stage_input(lease.name, task_dir / "input")
+                except BaseException as error:
+                    heartbeat.stop()
+                    if isinstance(error, task_queue.BadInput):
+                        attempt.ended(self._give_back(lease, error, fail_now=True), str(error))
+                    self._trace(attempt)  # abandoned, unless a bad input failed it
+                    self._let_go(lease, task_dir)
+                    if not isinstance(error, task_queue.BadInput):
+                        raise
+                    attempt = run_trace.Attempt("", 0, picker.owner)
+                    self.requests.charge(attempt)
+                    continue
+                attempt.staged_at, attempt.bytes_in, attempt.input_etag = time.time(), staged["size"], staged["etag"]
+                return Claimed(lease, task_dir, heartbeat, staged, attempt)
+            return None
+        finally:
+            if not attempt.task:  # nothing claimed: the tries were the worker's
+                self.requests.unattribute(attempt)
+            self.requests.charge(None)
 
     def _reserve(self) -> bool:
         """Count a claim about to be made against max_tasks; False once the limit is reached."""
@@ -699,26 +789,31 @@ class Worker:
             LOG.warning("compaction failed, left to the next one: %s", error)
 
     def work(self, task: Claimed) -> None:
-        """Process one claimed, staged task; whatever happens, it ends published, released or failed."""
-        lease, heartbeat = task.lease, task.heartbeat
+        """Process one claimed, staged task; whatever happens, it ends published, released or failed,
+        and the attempt goes into the trace."""
+        lease, heartbeat, attempt = task.lease, task.heartbeat, task.attempt
+        self.requests.charge(attempt)
         dirs = TaskDirs(task.task_dir / "input", self.shared_dir, task.task_dir / "output")
         try:
             if self._interrupted():  # the stop came while the task waited for its turn
                 raise TaskError(self.stop_reason)
-            started_at = time.time()
+            attempt.started_at = time.time()
             result = self.runner.run(self.job, lease.name, dirs, self.image_id)
-            ended_at = time.time()
+            attempt.ended_at, attempt.exit_code = time.time(), result.exit_code
             heartbeat.stop()
             if heartbeat.lost.is_set():
                 raise task_queue.LeaseLost(f"lease on {lease.name} lost while processing")
             if result.exit_code != 0:
-                self._failed_run(lease, result)
+                attempt.ended(*self._failed_run(lease, result))
                 return
             files = self._publish(lease, dirs.output)
-            times = {"claimed_at": task.claimed_at, "staged_at": task.staged_at, "started_at": started_at}
-            manifest = self._manifest(lease, task.staged, files, result, {**times, "ended_at": ended_at})
+            attempt.bytes_out = sum(entry["size"] for entry in files)
+            attempt.output_etags = [entry["etag"] for entry in files]
+            manifest = self._manifest(lease, task.staged, files, result, attempt)
             task_queue.publish_manifest(self.client, self.queue, lease, manifest)
             task_queue.complete(self.client, self.queue, lease, published=True)
+            attempt.published_at = manifest["published_at"]
+            attempt.ended(run_trace.DONE)
             with self._lock:
                 self.done.append(lease.name)
             LOG.info("completed %s: %d file(s) published; %s", lease.name, len(files), result.report or "no report")
@@ -728,12 +823,22 @@ class Worker:
                 # Not the task's fault: the attempt does not count, the next worker takes it at once.
                 task_queue.release(self.client, self.queue, lease)
                 LOG.warning("gave back %s (%s)", lease.name, self.stop_reason)
+                attempt.ended(run_trace.GIVEN_BACK, self.stop_reason)
             else:
-                self._give_back(lease, error, fail_now=isinstance(error, task_queue.BadInput))
+                attempt.ended(
+                    self._give_back(lease, error, fail_now=isinstance(error, task_queue.BadInput)), str(error)
+                )
         except task_queue.LeaseLost as error:
             LOG.warning("%s: not publishing, moving on", error)
+            attempt.ended(run_trace.LOST, str(error))
+        except BaseException as error:
+            attempt.ended(run_trace.ABANDONED, str(error))
+            raise
         finally:
             heartbeat.stop()
+            attempt.ended_at = attempt.ended_at or time.time()
+            self._trace(attempt)
+            self.requests.charge(None)
             self._let_go(lease, task.task_dir)
 
     def _let_go(self, lease: task_queue.Lease, task_dir: Path) -> None:
@@ -747,14 +852,15 @@ class Worker:
         with self._lock:
             return frozenset(self._held)
 
-    def _failed_run(self, lease: task_queue.Lease, result: RunResult) -> None:
+    def _failed_run(self, lease: task_queue.Lease, result: RunResult) -> tuple[str, str]:
+        """Give back a task whose command failed; returns the attempt's (outcome, reason)."""
         if self._interrupted():
             task_queue.release(self.client, self.queue, lease)
             LOG.warning("gave back %s (%s)", lease.name, self.stop_reason)
-            return
+            return run_trace.GIVEN_BACK, self.stop_reason
         action = self.job.on_exit(result.exit_code)
         reason = f"exited with code {result.exit_code} ({action} by the job's rules): {result.report or 'no message'}"
-        self._give_back(lease, TaskError(reason), fail_now=action == "fail")
+        return self._give_back(lease, TaskError(reason), fail_now=action == "fail"), reason
 
     def _publish(self, lease: task_queue.Lease, output_dir: Path) -> list[dict]:
         """Every regular file the command wrote, published under the job's output keys."""
@@ -774,26 +880,26 @@ class Worker:
             published.append({"name": relative, **entry})
         return published
 
-    def _manifest(self, lease, staged: dict, files: list[dict], result: RunResult, times: dict) -> dict:
-        """How the outputs were made: input, shared files, image, command, machine, attempt, times."""
+    def _manifest(self, lease, staged: dict, files: list[dict], result: RunResult, attempt: run_trace.Attempt) -> dict:
+        """How the outputs were made: input, shared files, image, command, machine, code, attempt, times."""
         return {
-            "job": self.job.name,
+            **self._common(),
             "attempt": lease.attempts,
             "owner": lease.owner,
-            "instance_id": self.settings.instance_id,
             "input": staged,
             "shared": self._shared,
             "image": {"name": self.job.image_name, "id": self.image_id},
             "command": self.job.argv(lease.name),
             "exit_code": result.exit_code,
             "files": [{key: entry[key] for key in ("name", "key", "size", "etag")} for entry in files],
-            **{name: round(at, 3) for name, at in times.items()},
+            **{name: round(getattr(attempt, name), 3) for name in run_trace.TIMES[:4]},
             "published_at": round(time.time(), 3),
         }
 
-    def _give_back(self, lease: task_queue.Lease, error: Exception, fail_now: bool) -> None:
+    def _give_back(self, lease: task_queue.Lease, error: Exception, fail_now: bool) -> str:
         """Record a failed attempt: a bad input or a failing exit code fails the task at once, any other
-        error counts an attempt (after the job's attempts the task is recorded failed)."""
+        error counts an attempt (after the job's attempts the task is recorded failed). Returns the
+        attempt's outcome."""
         try:
             if fail_now:
                 task_queue.fail(self.client, self.queue, lease, str(error))
@@ -802,11 +908,12 @@ class Worker:
                 state = task_queue.release(self.client, self.queue, lease, str(error))
         except task_queue.LeaseLost as lost:
             LOG.warning("attempt at %s failed (%s) but %s", lease.name, error, lost)
-            return
+            return run_trace.LOST
         if state == "failed":
             with self._lock:
                 self.failed.append(lease.name)
         LOG.error("attempt %d at %s failed (task now %s): %s", lease.attempts, lease.name, state, error)
+        return run_trace.FAILED if state == "failed" else run_trace.RETRIED
 
     def _task_dir(self, name: str) -> Path:
         task_dir = (self.workdir / "tasks" / task_queue.check_name(name)).resolve()
@@ -862,22 +969,35 @@ class Worker:
 # --- identity, log and exit -----------------------------------------------------------------------
 
 
-def instance_metadata(settings: Settings, timeout: float = 2.0) -> tuple[str, str]:
-    """(instance id, user data) of this instance: from the identity file the local cloud provides,
-    else through IMDSv2 (a session token first); ("", "") off EC2."""
+# Where IMDS says each fact of MACHINE_FACTS (instance-life-cycle is "spot" or "on-demand").
+IMDS_FACTS = {
+    "instance_type": "meta-data/instance-type",
+    "availability_zone": "meta-data/placement/availability-zone",
+    "market": "meta-data/instance-life-cycle",
+    "ami_id": "meta-data/ami-id",
+}
+
+
+def instance_metadata(settings: Settings, timeout: float = 2.0) -> dict:
+    """This instance's id, user data and MACHINE_FACTS: from the identity file the local cloud provides,
+    else through IMDSv2 (a session token first); empty strings off EC2 and for what is not known."""
+    known = dict.fromkeys(("instance_id", "user_data", *MACHINE_FACTS), "")
     try:
         identity = json.loads(Path(settings.identity_file).read_text())
-        return identity["instance_id"], identity.get("user_data", "")
-    except (OSError, ValueError, KeyError):
-        pass
+    except (OSError, ValueError):
+        identity = None
+    if isinstance(identity, dict) and identity.get("instance_id"):
+        return {key: str(identity.get(key, "")) for key in known}
     try:
-        instance_id = _imds_get(settings, "meta-data/instance-id", timeout)
+        known["instance_id"] = _imds_get(settings, "meta-data/instance-id", timeout)
     except OSError:
-        return "", ""
-    try:
-        return instance_id, _imds_get(settings, "user-data", timeout)
-    except OSError:  # 404: launched without user data
-        return instance_id, ""
+        return known
+    for key, path in {"user_data": "user-data", **IMDS_FACTS}.items():
+        try:
+            known[key] = _imds_get(settings, path, timeout)
+        except OSError:  # user-data: 404 when launched without any
+            pass
+    return known
 
 
 def _imds_get(settings: Settings, path: str, timeout: float = 2.0) -> str:
@@ -950,10 +1070,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as error:
         print(f"cicc-worker: {error}", file=sys.stderr)
         return EXIT_UNWORKABLE
-    notes, on_ec2 = [], False
+    notes, on_ec2, machine = [], False, {}
     if not settings.instance_id:
-        settings.instance_id, user_data = instance_metadata(settings)
-        notes = settings.apply_user_data(user_data)
+        machine = instance_metadata(settings)
+        settings.instance_id = machine["instance_id"]
+        notes = settings.apply_user_data(machine["user_data"])
         # What the command line says beats the user data (a job run by hand on a fleet machine).
         for key, value in overrides.items():
             if value is not None:
@@ -985,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.job:
             raise Unworkable('no job: the user data names none ({"job": "s3://BUCKET/PREFIX/job.json"}) nor does --job')
         job = read_job_patiently(client, settings)
-        worker = Worker(settings, client, job, runner, owner=owner, spot_watch=spot_watch)
+        worker = Worker(settings, client, job, runner, owner=owner, spot_watch=spot_watch, machine=machine)
         log_bucket, log_key = job.bucket, worker.log_key
         stop_on_signals(worker)
         code = worker.run()

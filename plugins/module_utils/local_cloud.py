@@ -411,11 +411,21 @@ def _user_data(run: _Pass, instance_id: str) -> str:
     return base64.b64decode(found.get("Value", "")).decode("utf-8", errors="replace")
 
 
-def _write_identity(state_dir: Path, instance_id: str, ami_id: str, region: str, user_data: str) -> Path:
+def _instance_facts(run: _Pass, instance_id: str) -> dict:
+    """What IMDS would say of the instance besides its id: type, zone and market (spot or on-demand)."""
+    instance = run.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+    return {
+        "instance_type": instance.get("InstanceType", ""),
+        "availability_zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
+        "market": "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+    }
+
+
+def _write_identity(state_dir: Path, instance_id: str, ami_id: str, region: str, user_data: str, facts: dict) -> Path:
     directory = state_dir / instance_id
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "identity.json"
-    identity = {"instance_id": instance_id, "ami_id": ami_id, "region": region, "user_data": user_data}
+    identity = {"instance_id": instance_id, "ami_id": ami_id, "region": region, "user_data": user_data, **facts}
     body = json.dumps(identity, indent=2) + "\n"
     temporary = directory / ".identity.json.tmp"
     temporary.write_text(body)
@@ -433,7 +443,14 @@ def _create(run: _Pass, instance_id: str, ami_id: str, image: str) -> None:
     try:
         # A fresh container: a stop recorded for an earlier one of this instance no longer applies.
         run.marker(instance_id).unlink(missing_ok=True)
-        identity = _write_identity(run.state_dir, instance_id, ami_id, run.region, _user_data(run, instance_id))
+        identity = _write_identity(
+            run.state_dir,
+            instance_id,
+            ami_id,
+            run.region,
+            _user_data(run, instance_id),
+            _instance_facts(run, instance_id),
+        )
         run.work_dir.mkdir(parents=True, exist_ok=True)
         work_dir = str(run.work_dir.resolve())
     except OSError as e:

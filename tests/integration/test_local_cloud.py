@@ -178,7 +178,10 @@ def test_instance_image_fleet_and_termination(cloud):
     container = cloud.container(base)
     assert container.labels[lc.LABEL_INSTANCE] == base and container.labels[lc.LABEL_AMI] == ubuntu
     identity = json.loads(cloud.sh(base, f"cat {lc.IDENTITY_PATH}"))
-    assert identity == {"instance_id": base, "ami_id": ubuntu, "region": REGION, "user_data": ""}
+    zone = cloud.ec2.describe_instances(InstanceIds=[base])["Reservations"][0]["Instances"][0]["Placement"]
+    facts = {"instance_type": "c4.large", "availability_zone": zone["AvailabilityZone"], "market": "on-demand"}
+    assert identity == {"instance_id": base, "ami_id": ubuntu, "region": REGION, "user_data": "", **facts}
+    assert facts["availability_zone"].startswith(REGION)
     assert (
         cloud.container(base).exec_run(["sh", "-c", f"echo x > {lc.IDENTITY_PATH}"]).exit_code != 0
     ), "identity is writable"

@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
+from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
@@ -280,6 +281,15 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     drained = [re.search(r"queue drained: (\d+) completed, 0 failed", _read(s3, bucket, key).decode()) for key in logs]
     assert all(drained), logs
     assert sum(int(found.group(1)) for found in drained) == len(SEED_TASKS)
+    # The trace: a row per attempt (one each here), each saying which fleet machine made it; a record per worker.
+    fleet = {worker["InstanceId"]: worker for worker in workers}
+    rows = run_trace.read_trace(s3, bucket, "")
+    assert sorted(row["task"] for row in rows) == sorted(SEED_TASKS) and {row["outcome"] for row in rows} == {"done"}
+    for row in rows:
+        machine = fleet[row["instance_id"]]
+        facts = (machine["InstanceType"], machine["Placement"]["AvailabilityZone"], images[0]["ImageId"], "on-demand")
+        assert (row["instance_type"], row["availability_zone"], row["ami_id"], row["market"]) == facts
+    assert sorted(record["worker"] for record in run_trace.read_workers(s3, bucket, "")) == sorted(fleet)
     flat = " ".join(first.stdout.split())
     assert f"verified {len(SEED_DONE) + len(SEED_TASKS)}/{len(SEED_DONE) + len(SEED_TASKS)} outputs" in flat
     assert "tasks done 10/10" in flat

@@ -742,3 +742,67 @@ def test_row15_s3_unreachable_for_30_s_workers_wait_and_resume(s3, bucket, emula
     assert {name for name in names if inline_runner.runs.count(name) > 1} <= taken_over
     for name in names:
         assert _body(s3, bucket, f"out{name[2:]}") == _expected(s3, bucket, name)
+
+
+def test_every_attempt_is_traced_and_the_requests_add_up(
+    s3, bucket, emulator, make_worker, inline_runner, worker_module
+):
+    """Each attempt ends as one trace row (outcome, ordered times, bytes, ETags, machine, code), each worker's
+    run as one record; their S3 requests add up to what a counting proxy in front of S3 saw."""
+    names = [f"in{i}.dat" for i in range(8)]
+    _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() * 3 for name in names}})
+    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+
+    class FailingSome:
+        def prepare(self, job, fetch):
+            return ""
+
+        def run(self, job, task, dirs, image_id):
+            if task == "in5.dat":  # 2: a bad input by the job's rules, failed at once
+                return worker_module.RunResult(2, "bad input")
+            if task == "in3.dat" and task not in inline_runner.runs:  # 1: retried
+                inline_runner.runs.append(task)
+                return worker_module.RunResult(1, "flaky")
+            return inline_runner.run(job, task, dirs, image_id)
+
+        def cancel(self):
+            pass
+
+    machine = {"instance_type": "c4.large", "availability_zone": "us-east-1a", "market": "spot", "ami_id": "ami-9"}
+    proxy = _FaultyS3(emulator)
+    try:
+        workers = [make_worker(FailingSome(), owner=f"w{i}", endpoint_url=proxy.url, slots=1) for i in range(2)]
+        for worker in workers:
+            worker.machine = machine
+        assert _run_all(workers) == [0, 0]
+    finally:
+        proxy.shutdown()
+
+    from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
+
+    rows = run_trace.read_trace(s3, bucket, "")
+    outcomes = {name: [row["outcome"] for row in rows if row["task"] == name] for name in names}
+    assert outcomes == {**{name: ["done"] for name in names}, "in3.dat": ["retried", "done"], "in5.dat": ["failed"]}
+    assert [row["attempt"] for row in rows if row["task"] == "in3.dat"] == [1, 2]
+    for row in rows:
+        assert row.items() >= {"job": "xor", "code_version": worker_module.CODE_VERSION, **machine}.items()
+        assert row["worker"] in ("w0", "w1") and row["slot"] == row["worker"]
+        assert row["input_etag"] == s3.head_object(Bucket=bucket, Key=row["task"])["ETag"]
+        assert row["bytes_in"] == len(row["task"]) * 3 and row["requests"] >= 4
+        if row["outcome"] == "done":
+            output = s3.head_object(Bucket=bucket, Key=f"out{row['task'][2:]}")
+            assert row["output_etags"] == [output["ETag"]] and row["bytes_out"] == output["ContentLength"]
+            times = [row[name] for name in run_trace.TIMES]
+            assert 0 < times[0] <= times[1] <= times[2] <= times[3] <= times[4], times
+        else:
+            assert row["exit_code"] in (1, 2) and row["reason"].startswith(f"exited with code {row['exit_code']}")
+    records = run_trace.read_workers(s3, bucket, "")
+    assert sorted(record["worker"] for record in records) == ["w0", "w1"]
+    assert sum(record["completed"] for record in records) == 7 and sum(record["failed"] for record in records) == 1
+    assert sum(record["attempts"] for record in records) == len(rows) == 9
+    for record in records:
+        assert record["started_at"] <= record["first_claim_at"] <= record["last_end_at"] <= record["stopped_at"]
+    outside = sum(record["requests_outside_attempts"] for record in records)
+    assert (
+        sum(row["requests"] for row in rows) + outside == sum(record["requests"] for record in records) == proxy.count
+    )

@@ -50,9 +50,19 @@ def test_no_user_data_changes_nothing(settings) -> None:
 
 def test_identity_file_gives_instance_and_user_data(worker_module, settings, tmp_path) -> None:
     identity = tmp_path / "identity.json"
-    identity.write_text(json.dumps({"instance_id": "i-0123", "user_data": '{"max_tasks": 2}'}))
+    facts = {"instance_type": "c4.large", "availability_zone": "us-east-1a", "market": "spot", "ami_id": "ami-1"}
+    identity.write_text(json.dumps({"instance_id": "i-0123", "user_data": '{"max_tasks": 2}', **facts}))
     settings.identity_file = str(identity)
-    assert worker_module.instance_metadata(settings) == ("i-0123", '{"max_tasks": 2}')
+    assert worker_module.instance_metadata(settings) == {
+        "instance_id": "i-0123",
+        "user_data": '{"max_tasks": 2}',
+        **facts,
+    }
+    identity.write_text(json.dumps({"instance_id": "i-0124"}))  # an identity file of an older local cloud
+    assert worker_module.instance_metadata(settings) == {
+        "instance_id": "i-0124",
+        **dict.fromkeys([*facts, "user_data"], ""),
+    }
 
 
 def test_settings_file_rejects_unknown_keys(worker_module, tmp_path) -> None:
