@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -32,19 +33,21 @@ def _free_port() -> int:
 
 
 class _Emulator:
-    """An emulator process on a free 127.0.0.1 port, started at once and waited for only when first
-    needed. ``{port}`` and ``{home}`` in its command and environment stand for its port and a
-    temporary directory of its own, which holds its output (shown when it fails to come up) and
-    whatever it writes, and is removed when it stops."""
+    """An emulator process on a free 127.0.0.1 port, started at once and watched in the background
+    until ``answers(endpoint)`` returns (an emulator loads a service on its first request: the watch
+    pays for that, not the first test); waited for only when first needed. ``{port}`` and ``{home}``
+    in its command and environment stand for its port and a temporary directory of its own, which
+    holds its output (shown when it fails to come up) and whatever it writes, and is removed when it
+    stops."""
 
-    def __init__(self, name: str, command: list[str], ready_path: str, env: dict[str, str], start_seconds: float):
+    def __init__(self, name: str, command: list[str], env: dict[str, str], answers, start_seconds: float):
         self.name, self.start_seconds = name, start_seconds
         self.home = Path(tempfile.mkdtemp(prefix=f"cicc-{name}-"))
         port = _free_port()
         self.endpoint = f"http://127.0.0.1:{port}"
-        self._ready_url, self._ready = self.endpoint + ready_path, False
         self._log = (self.home / "output.log").open("wb")
         self._started = time.monotonic()
+        self._ready = threading.Event()
 
         def fill(text: str) -> str:
             return text.replace("{port}", str(port)).replace("{home}", str(self.home))
@@ -59,26 +62,33 @@ class _Emulator:
             )
         except OSError as error:  # reported by wait_ready, as a failure of the tests that need it
             self._proc, self._error = None, f"{name} could not be started ({error}); run scripts/setup.sh"
+            return
+        threading.Thread(target=self._watch, args=(answers,), daemon=True).start()
+
+    def _watch(self, answers) -> None:
+        while self._proc.poll() is None:
+            try:
+                answers(self.endpoint)
+            except Exception:  # noqa: BLE001 - not up yet, whatever the client says
+                time.sleep(0.1)
+            else:
+                self._ready.set()
+                return
 
     def wait_ready(self) -> str:
-        """Its endpoint URL once it answers; a test failure with its log's tail if it does not."""
+        """Its endpoint URL once it answers; a test failure with its output's tail if it does not."""
         if self._proc is None:
             pytest.fail(self._error, pytrace=False)
-        while not self._ready:
-            try:
-                urllib.request.urlopen(self._ready_url, timeout=1).close()
-                self._ready = True
-            except OSError:
-                waited, exit_code = time.monotonic() - self._started, self._proc.poll()
-                if exit_code is not None or waited > self.start_seconds:
-                    state = "still starting" if exit_code is None else f"exited with {exit_code}"
-                    tail = (self.home / "output.log").read_text(errors="replace").splitlines()[-30:]
-                    pytest.fail(
-                        f"{self.name} did not answer {self._ready_url} within {waited:.0f} s ({state}); "
-                        "the end of its output:\n" + "\n".join(tail),
-                        pytrace=False,
-                    )
-                time.sleep(0.1)
+        while not self._ready.wait(0.1):
+            waited, exit_code = time.monotonic() - self._started, self._proc.poll()
+            if exit_code is not None or waited > self.start_seconds:
+                state = "still starting" if exit_code is None else f"exited with {exit_code}"
+                tail = (self.home / "output.log").read_text(errors="replace").splitlines()[-30:]
+                pytest.fail(
+                    f"{self.name} did not answer at {self.endpoint} within {waited:.0f} s ({state}); "
+                    "the end of its output:\n" + "\n".join(tail),
+                    pytrace=False,
+                )
         return self.endpoint
 
     def stop(self) -> None:
@@ -93,13 +103,33 @@ class _Emulator:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+def _moto_api_answers(endpoint: str) -> None:
+    urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
+
+
+def _s3_answers(endpoint: str) -> None:
+    import boto3
+    from botocore.config import Config
+
+    once = Config(retries={"total_max_attempts": 1}, connect_timeout=1, read_timeout=120)
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=once,
+    )
+    client.list_buckets()
+
+
 @contextlib.contextmanager
 def _moto_server(**env: str):
     """A moto server on a free 127.0.0.1 port, with AWS's managed policies as on AWS (and ``env``);
     yields its endpoint URL and stops it afterwards."""
     moto = Path(sys.executable).with_name("moto_server")
     command = [str(moto), "-H", "127.0.0.1", "-p", "{port}"]
-    server = _Emulator("moto", command, "/moto-api/", {"MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **env}, 30)
+    server = _Emulator("moto", command, {"MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **env}, _moto_api_answers, 30)
     try:
         yield server.wait_ready()
     finally:
@@ -111,7 +141,6 @@ def _start_localstack() -> _Emulator:
     python = ROOT / ".venv-localstack" / "bin" / "python"
     env = {
         "SERVICES": "s3",
-        "EAGER_SERVICE_LOADING": "1",  # S3 loaded before it answers, not by the first test
         "GATEWAY_LISTEN": "127.0.0.1:{port}",
         # Host mode keeps its state, cache and certificate under FILESYSTEM_ROOT, but only where it
         # does not think it runs in a container (this machine may be one): else /var/lib/localstack.
@@ -123,7 +152,8 @@ def _start_localstack() -> _Emulator:
         "SKIP_SSL_CERT_DOWNLOAD": "1",
         "DISABLE_EVENTS": "1",
     }
-    return _Emulator("LocalStack", [str(python), "-m", "localstack.runtime.main"], "/_localstack/health", env, 120)
+    # Ready once S3 answers: LocalStack says Ready. seconds before its S3 provider is loaded.
+    return _Emulator("LocalStack", [str(python), "-m", "localstack.runtime.main"], env, _s3_answers, 120)
 
 
 _LOCALSTACK = pytest.StashKey[_Emulator]()
