@@ -1,4 +1,5 @@
-"""The claim protocol against the real emulator: rules, bad input and fault-matrix rows 1, 3, 4, 7, 8."""
+"""The claim protocol on both S3 emulators (moto, LocalStack): rules, bad input, fault-matrix rows 1, 3, 4, 5, 7, 8, and
+the answers it relies on from S3."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
 
@@ -315,3 +317,52 @@ def test_status_shows_owners_and_lease_ages(s3, queue):
     claim = status["claims"][0]
     assert (claim["task"], claim["owner"], claim["instance_id"], claim["expired"]) == ("in1.dat", "w1", "i-123", False)
     assert 0 <= claim["lease_age_seconds"] < 30
+
+
+# --- what the protocol asks of S3 -----------------------------------------------------------------
+
+
+def _refusal(call, **request) -> tuple[int, str]:
+    """The HTTP status and error code with which S3 refused ``call(**request)``."""
+    with pytest.raises(ClientError) as refused:
+        call(**request)
+    return refused.value.response["ResponseMetadata"]["HTTPStatusCode"], refused.value.response["Error"]["Code"]
+
+
+def _listed_etags(s3, bucket: str) -> dict[str, str]:
+    return {item["Key"]: item["ETag"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+
+def test_conditional_writes_answer_as_on_aws(s3, bucket):
+    """What claim, renew and take-over read from S3's answers, as AWS gives them (README: "Two S3
+    implementations"). AWS may also answer a concurrent conditional write with 409
+    ConditionalRequestConflict; neither emulator does: they serialize such writes and refuse the
+    losers with 412 (test_row1_...)."""
+    put = s3.put_object
+    etag = put(Bucket=bucket, Key="lock", Body=b"first", IfNoneMatch="*")["ETag"]
+    assert _refusal(put, Bucket=bucket, Key="lock", Body=b"second", IfNoneMatch="*") == (412, "PreconditionFailed")
+    assert _refusal(put, Bucket=bucket, Key="lock", Body=b"second", IfMatch='"0"') == (412, "PreconditionFailed")
+    assert _refusal(put, Bucket=bucket, Key="no-lock", Body=b"second", IfMatch=etag) == (404, "NoSuchKey")
+    renewed = put(Bucket=bucket, Key="lock", Body=b"second", IfMatch=etag)["ETag"]
+    # ETags come quoted, the same from PutObject as from GetObject and the listing.
+    assert renewed.startswith('"') and renewed != etag
+    assert renewed == s3.get_object(Bucket=bucket, Key="lock")["ETag"] == _listed_etags(s3, bucket)["lock"]
+    # A lease's age is S3's Date header less LastModified, both to the second.
+    assert 0 <= tq._lease_age(s3.get_object(Bucket=bucket, Key="lock")) < 5
+
+
+def test_stale_conditional_delete(s3, bucket, s3_implementation):
+    """A lock is let go with DeleteObject If-Match on the holder's ETag. AWS honours it on general
+    purpose buckets since September 2025 (and moto does): refused with 412 when the ETag is stale,
+    404 NoSuchKey when the key is gone. LocalStack ignores the condition and deletes."""
+    stale = s3.put_object(Bucket=bucket, Key="lock", Body=b"paused worker")["ETag"]
+    s3.put_object(Bucket=bucket, Key="lock", Body=b"new owner", IfMatch=stale)
+    delete = s3.delete_object
+    if s3_implementation.deletes_if_match:
+        assert _refusal(delete, Bucket=bucket, Key="lock", IfMatch=stale) == (412, "PreconditionFailed")
+        assert _refusal(delete, Bucket=bucket, Key="no-lock", IfMatch=stale) == (404, "NoSuchKey")
+        assert _body(s3, bucket, "lock") == b"new owner"
+    else:
+        assert delete(Bucket=bucket, Key="lock", IfMatch=stale)["ResponseMetadata"]["HTTPStatusCode"] == 204
+        assert delete(Bucket=bucket, Key="no-lock", IfMatch=stale)["ResponseMetadata"]["HTTPStatusCode"] == 204
+        assert _keys(s3, bucket) == []
