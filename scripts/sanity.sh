@@ -74,8 +74,8 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     done |
     tar --null --no-recursion --ignore-failed-read -T - -cf - | tar -C "$dest" -xf -
 else
-  tar --exclude=./.git --exclude=./.venv --exclude=./.collections --exclude=./.build --exclude=./tests/output \
-    -cf - . | tar -C "$dest" -xf -
+  tar --exclude=./.git --exclude=./.venv --exclude=./.venv-localstack --exclude=./.collections --exclude=./.build \
+    --exclude=./tests/output -cf - . | tar -C "$dest" -xf -
 fi
 # ansible-test lists a collection's files with git when it finds a .git directory up the tree, and
 # .build/ is ignored by this repository's git: give the copy its own (empty) repository, so that

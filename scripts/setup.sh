@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare this machine for cicc.cloud: system packages, a running Docker Engine, the virtualenv,
+# Prepare this machine for cicc.cloud: system packages, a running Docker Engine, the virtualenvs,
 # the collection link, the local base image and the example jobs' images (processing, then summary).
 # Safe to run twice.
 set -euo pipefail
@@ -20,12 +20,23 @@ fi
 
 scripts/docker-engine.sh start
 
-if [ ! -x .venv/bin/python ] || ! cmp -s requirements.txt .venv/.requirements.txt; then
-  log "Installing the virtualenv from requirements.txt"
-  python3 -m venv .venv
-  .venv/bin/pip install -q -r requirements.txt
-  cp requirements.txt .venv/.requirements.txt
-fi
+# A virtualenv from a requirements file, (re)installed only when that file changed since.
+install_venv() {
+  local venv=$1 requirements=$2
+  if [ ! -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$venv/.requirements.txt"; then
+    log "Installing $venv from $requirements"
+    python3 -m venv "$venv"
+    # Its output is shown only if it fails: a machine's pip configuration can warn on every package.
+    if ! "$venv/bin/pip" install -q -r "$requirements" >"$venv/.install.log" 2>&1; then
+      cat "$venv/.install.log" >&2
+      exit 1
+    fi
+    cp "$requirements" "$venv/.requirements.txt"
+  fi
+}
+install_venv .venv requirements.txt
+# LocalStack's S3, the protocol tests' second S3 implementation: its pins clash with .venv's.
+install_venv .venv-localstack requirements-localstack.txt
 
 # Ansible finds the collection cicc.cloud through this link to the repository root.
 mkdir -p .collections/ansible_collections/cicc

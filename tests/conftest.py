@@ -1,12 +1,17 @@
-"""Shared fixtures: a real AWS emulator (moto server on 127.0.0.1) and the real Docker Engine."""
+"""Shared fixtures: real AWS emulators (a moto server on 127.0.0.1, and LocalStack's S3 for the tests marked
+both_s3) and the real Docker Engine."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -27,33 +32,203 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _Emulator:
+    """An emulator process on a free 127.0.0.1 port, started at once and watched in the background
+    until ``answers(endpoint)`` returns (an emulator loads a service on its first request: the watch
+    pays for that, not the first test); waited for only when first needed. ``{port}`` and ``{home}``
+    in its command and environment stand for its port and a temporary directory of its own, which
+    holds its output (shown when it fails to come up) and whatever it writes, and is removed when it
+    stops."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], answers, start_seconds: float):
+        self.name, self.start_seconds = name, start_seconds
+        self.home = Path(tempfile.mkdtemp(prefix=f"cicc-{name}-"))
+        port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self._log = (self.home / "output.log").open("wb")
+        self._started = time.monotonic()
+        self._ready = threading.Event()
+
+        def fill(text: str) -> str:
+            return text.replace("{port}", str(port)).replace("{home}", str(self.home))
+
+        try:
+            self._proc = subprocess.Popen(
+                [fill(part) for part in command],
+                env={**os.environ, **{key: fill(value) for key, value in env.items()}},
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+            )
+        except OSError as error:  # reported by wait_ready, as a failure of the tests that need it
+            self._proc, self._error = None, f"{name} could not be started ({error}); run scripts/setup.sh"
+            return
+        threading.Thread(target=self._watch, args=(answers,), daemon=True).start()
+
+    def _watch(self, answers) -> None:
+        while self._proc.poll() is None:
+            try:
+                answers(self.endpoint)
+            except Exception:  # noqa: BLE001 - not up yet, whatever the client says
+                time.sleep(0.1)
+            else:
+                self._ready.set()
+                return
+
+    def wait_ready(self) -> str:
+        """Its endpoint URL once it answers; a test failure with its output's tail if it does not."""
+        if self._proc is None:
+            pytest.fail(self._error, pytrace=False)
+        while not self._ready.wait(0.1):
+            waited, exit_code = time.monotonic() - self._started, self._proc.poll()
+            if exit_code is not None or waited > self.start_seconds:
+                state = "still starting" if exit_code is None else f"exited with {exit_code}"
+                tail = (self.home / "output.log").read_text(errors="replace").splitlines()[-30:]
+                pytest.fail(
+                    f"{self.name} did not answer at {self.endpoint} within {waited:.0f} s ({state}); "
+                    "the end of its output:\n" + "\n".join(tail),
+                    pytrace=False,
+                )
+        return self.endpoint
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _moto_api_answers(endpoint: str) -> None:
+    urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
+
+
+def _s3_answers(endpoint: str) -> None:
+    import boto3
+    from botocore.config import Config
+
+    once = Config(retries={"total_max_attempts": 1}, connect_timeout=1, read_timeout=120)
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=once,
+    )
+    client.list_buckets()
+
+
 @contextlib.contextmanager
 def _moto_server(**env: str):
     """A moto server on a free 127.0.0.1 port, with AWS's managed policies as on AWS (and ``env``);
     yields its endpoint URL and stops it afterwards."""
-    port = _free_port()
     moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    command = [str(moto), "-H", "127.0.0.1", "-p", "{port}"]
+    server = _Emulator("moto", command, {"MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **env}, _moto_api_answers, 30)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
-        yield endpoint
+        yield server.wait_ready()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
+
+
+def _start_localstack() -> _Emulator:
+    """LocalStack's own S3 provider in host mode, from its virtualenv (requirements-localstack.txt)."""
+    python = ROOT / ".venv-localstack" / "bin" / "python"
+    env = {
+        "SERVICES": "s3",
+        "GATEWAY_LISTEN": "127.0.0.1:{port}",
+        # Host mode keeps its state, cache and certificate under FILESYSTEM_ROOT, but only where it
+        # does not think it runs in a container (this machine may be one): else /var/lib/localstack.
+        "OVERRIDE_IN_DOCKER": "0",
+        "FILESYSTEM_ROOT": "{home}",
+        "TMPDIR": "{home}",
+        "DNS_ADDRESS": "0",  # no DNS server of its own
+        # No network here but the package registries: no certificate download, no usage events.
+        "SKIP_SSL_CERT_DOWNLOAD": "1",
+        "DISABLE_EVENTS": "1",
+    }
+    # Ready once S3 answers: LocalStack says Ready. seconds before its S3 provider is loaded.
+    return _Emulator("LocalStack", [str(python), "-m", "localstack.runtime.main"], env, _s3_answers, 120)
+
+
+_LOCALSTACK = pytest.StashKey[_Emulator]()
+
+
+def _localstack_server(config) -> _Emulator:
+    if _LOCALSTACK not in config.stash:
+        config.stash[_LOCALSTACK] = _start_localstack()
+    return config.stash[_LOCALSTACK]
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Implementation:
+    """An S3 the protocol's tests run on, and where it departs from AWS (README: "Two S3 implementations")."""
+
+    name: str
+    # AWS honours If-Match on DeleteObject (general purpose buckets, since September 2025).
+    deletes_if_match: bool
+
+
+S3_IMPLEMENTATIONS = {
+    "moto": S3Implementation("moto", deletes_if_match=True),
+    "localstack": S3Implementation("localstack", deletes_if_match=False),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "both_s3: run the test on moto's S3 and on LocalStack's (ids moto, localstack) through s3_endpoint "
+        "and the fixtures built on it (s3, bucket, make_worker); a test that uses none of them runs once",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_s3") and "s3_implementation" in metafunc.fixturenames:
+        metafunc.parametrize("s3_implementation", list(S3_IMPLEMENTATIONS), indirect=True)
+
+
+def _runs_on_localstack(item) -> bool:
+    return getattr(item, "callspec", None) is not None and item.callspec.params.get("s3_implementation") == "localstack"
+
+
+def pytest_collection_modifyitems(items):
+    """In each module, the LocalStack runs after the others, which run while LocalStack starts (the
+    modules stay in order, so that their fixtures are set up once)."""
+    modules = {}
+    for item in items:
+        modules.setdefault(item.path, len(modules))
+    items.sort(key=lambda item: (modules[item.path], _runs_on_localstack(item)))
+
+
+def pytest_collection_finish(session):
+    """Start LocalStack as soon as the tests are known, if any runs on it: its start then overlaps the
+    tests before the first that needs it."""
+    if any(map(_runs_on_localstack, session.items)) and not session.config.option.collectonly:
+        _localstack_server(session.config)
+
+
+def pytest_unconfigure(config):
+    if _LOCALSTACK in config.stash:
+        config.stash[_LOCALSTACK].stop()
+
+
+def _export_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Point boto3, botocore and the amazon.aws modules at ``endpoint``, the ecosystem's way."""
+    for key, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="session")
@@ -65,34 +240,44 @@ def moto_server():
 @pytest.fixture(scope="session")
 def emulator() -> str:
     """Endpoint URL of a moto server started for this test session, exported the ecosystem's way."""
-    with _moto_server() as endpoint:
-        saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_URL")}
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_URL=endpoint,
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION=REGION,
-            AWS_REGION=REGION,
-        )
+    with _moto_server() as endpoint, pytest.MonkeyPatch.context() as monkeypatch:
+        _export_endpoint(monkeypatch, endpoint)
         yield endpoint
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def localstack(request) -> str:
+    """Endpoint URL of LocalStack's S3, started once a session (stopped as the session ends)."""
+    return _localstack_server(request.config).wait_ready()
 
 
 @pytest.fixture
-def s3(emulator):
+def s3_implementation(request) -> S3Implementation:
+    """The S3 the test runs on: moto, unless the test is marked both_s3 (then moto and LocalStack)."""
+    return S3_IMPLEMENTATIONS[getattr(request, "param", "moto")]
+
+
+@pytest.fixture
+def s3_endpoint(request, s3_implementation, monkeypatch) -> str:
+    """Endpoint URL of the test's S3: the session's moto server (``emulator``), or LocalStack, to which
+    the AWS_* variables then point for the test's length (modules run by `ansible` read them)."""
+    if s3_implementation.name == "moto":
+        return request.getfixturevalue("emulator")
+    endpoint = request.getfixturevalue("localstack")
+    _export_endpoint(monkeypatch, endpoint)
+    return endpoint
+
+
+@pytest.fixture
+def s3(s3_endpoint):
     import boto3
 
-    return boto3.client("s3", endpoint_url=emulator, region_name=REGION)
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION)
 
 
 @pytest.fixture
 def bucket(s3) -> str:
-    """A fresh, empty bucket on the emulator."""
+    """A fresh, empty bucket on the test's S3 (a valid DNS name, as LocalStack requires)."""
     name = f"cicc-test-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name)
     return name
@@ -179,7 +364,7 @@ def inline_runner(process_module, worker_module):
 
 
 @pytest.fixture
-def make_worker(emulator, bucket, tmp_path, worker_module):
+def make_worker(s3_endpoint, bucket, tmp_path, worker_module):
     """Build a worker of the XOR job on the test bucket with its own S3 client and work directory;
     ``job`` gives another job, ``attempts``/``timeout_seconds`` change the XOR job's."""
 
@@ -187,7 +372,7 @@ def make_worker(emulator, bucket, tmp_path, worker_module):
         job = job or xor_job(
             bucket, **{key: settings.pop(key) for key in ("attempts", "timeout_seconds") if key in settings}
         )
-        options = {"workdir": str(tmp_path), "lease_seconds": 30, "endpoint_url": emulator}
+        options = {"workdir": str(tmp_path), "lease_seconds": 30, "endpoint_url": s3_endpoint}
         worker_settings = worker_module.Settings(**{**options, **settings})
         client = worker_module.s3_client(worker_settings)
         watch = worker_module.SpotWatch(worker_settings, runner) if spot_watch else None

@@ -1,9 +1,9 @@
 """The task modules (task_claim, task_complete, task_release, task_info) run by the real `ansible` command against
-the emulator.
+the emulator (and one whole round on LocalStack's S3 as well).
 
 Each call is an ad-hoc `ansible localhost -m cicc.cloud.<module>` in its own process, its result read from the
 ansible.posix.json callback. The endpoint and credentials reach AnsibleAWSModule only through the AWS_* variables
-the emulator fixture exports (AWS_URL is endpoint_url's fallback); the first test checks that they do.
+that conftest.py exports for the test's S3 (AWS_URL is endpoint_url's fallback); the first test checks that they do.
 """
 
 from __future__ import annotations
@@ -93,9 +93,12 @@ def queue_bucket(s3, bucket) -> str:
     return bucket
 
 
-def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, emulator):
+# One whole round on LocalStack too: the modules reach the test's S3 through AWS_URL whichever it is,
+# and the protocol under them is tested on both in test_task_queue.py (each module run costs seconds).
+@pytest.mark.both_s3
+def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, s3_endpoint):
     claim = ok("task_claim", bucket=queue_bucket, owner="w1", instance_id="i-0123456789abcdef0")
-    assert claim["invocation"]["module_args"]["endpoint_url"] == emulator  # AWS_URL reached the module
+    assert claim["invocation"]["module_args"]["endpoint_url"] == s3_endpoint  # AWS_URL reached the module
     assert claim["changed"] and claim["claimed"]
     task = claim["task"]
     assert (task["name"], task["owner"], task["attempts"]) == ("in0.dat", "w1", 1)

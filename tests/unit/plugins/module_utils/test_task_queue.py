@@ -1,4 +1,5 @@
-"""The claim protocol against the real emulator: rules, bad input and fault-matrix rows 1, 3, 4, 7, 8."""
+"""The claim protocol on both S3 emulators (moto, LocalStack): rules, bad input, fault-matrix rows 1, 3, 4, 5, 7, 8, and
+the answers it relies on from S3."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import time
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+
+# On moto's S3 and on LocalStack's: where they differ, the test says which AWS does.
+pytestmark = pytest.mark.both_s3
 
 
 def _body(s3, bucket: str, key: str) -> bytes:
@@ -130,12 +135,12 @@ def test_live_lease_conflicts_and_output_is_never_overwritten(s3, queue, tmp_pat
     assert _publish(s3, queue, lease, b"first", tmp_path) is False
 
 
-def test_row1_many_workers_claim_the_same_task_at_once(emulator, s3, queue):
+def test_row1_many_workers_claim_the_same_task_at_once(s3_endpoint, s3, queue):
     _seed(s3, queue, ["in1.dat"])
     barrier, winners, losers = threading.Barrier(12), [], []
 
     def contend(owner: str) -> None:
-        client = boto3.session.Session().client("s3", endpoint_url=emulator, region_name="us-east-1")
+        client = boto3.session.Session().client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
         barrier.wait()
         try:
             winners.append(tq.claim(client, queue, "in1.dat", owner))
@@ -184,7 +189,7 @@ def test_row5_worker_clock_off_by_ten_minutes(s3, bucket, monkeypatch, skew):
     assert (taken.owner, taken.attempts) == ("skewed", 2)
 
 
-def test_row4_paused_worker_loses_its_lease_and_cannot_write(s3, bucket, tmp_path):
+def test_row4_paused_worker_loses_its_lease_and_cannot_write(s3, bucket, tmp_path, s3_implementation):
     queue = tq.Queue(bucket, lease_seconds=1)
     _seed(s3, queue, ["in1.dat"])
     paused = tq.claim(s3, queue, "in1.dat", "paused")
@@ -197,10 +202,16 @@ def test_row4_paused_worker_loses_its_lease_and_cannot_write(s3, bucket, tmp_pat
     with pytest.raises(tq.LeaseLost):
         _publish(s3, queue, paused, b"late", tmp_path)
     assert "out1.dat" not in _keys(s3, queue.bucket)
-    assert tq._delete_lock(s3, queue, paused) is False
-    assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "new"
-    tq.release(s3, queue, paused)  # refused: the lock is not the paused worker's any more
-    assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "new"
+    if s3_implementation.deletes_if_match:
+        # AWS (and moto) refuse a delete whose If-Match is stale: 412 PreconditionFailed.
+        assert tq._delete_lock(s3, queue, paused) is False
+        assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "new"
+        tq.release(s3, queue, paused)  # refused: the lock is not the paused worker's any more
+        assert json.loads(_body(s3, queue.bucket, queue.lock_key("in1.dat")))["owner"] == "new"
+    else:
+        # LocalStack ignores If-Match on DeleteObject: the stale delete removes the new owner's lock.
+        assert tq._delete_lock(s3, queue, paused) is True
+        assert _keys(s3, queue.bucket, "locks/") == []
 
 
 def test_row8_reply_lost_after_claim_finds_own_lock(s3, queue):
@@ -263,7 +274,7 @@ def test_bad_names_are_recorded_not_lost(s3, queue):
     assert [key for key in _keys(s3, queue.bucket) if ".." in key] == []
 
 
-def test_row7_concurrent_compactions_and_edits_lose_nothing(emulator, s3, queue):
+def test_row7_concurrent_compactions_and_edits_lose_nothing(s3_endpoint, s3, queue):
     names = [f"in{i}.dat" for i in range(60)]
     _seed(s3, queue, names)
     for name in names:
@@ -271,11 +282,11 @@ def test_row7_concurrent_compactions_and_edits_lose_nothing(emulator, s3, queue)
     added = [f"new{i}.dat" for i in range(5)]
 
     def compact_now() -> None:
-        client = boto3.session.Session().client("s3", endpoint_url=emulator, region_name="us-east-1")
+        client = boto3.session.Session().client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
         tq.compact(client, queue)
 
     def append_task(name: str) -> None:  # a person adding work while compactions run
-        client = boto3.session.Session().client("s3", endpoint_url=emulator, region_name="us-east-1")
+        client = boto3.session.Session().client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
         for attempt in range(50):
             found = tq._get(client, queue.bucket, queue.key(tq.TASKLIST))
             try:
@@ -306,3 +317,52 @@ def test_status_shows_owners_and_lease_ages(s3, queue):
     claim = status["claims"][0]
     assert (claim["task"], claim["owner"], claim["instance_id"], claim["expired"]) == ("in1.dat", "w1", "i-123", False)
     assert 0 <= claim["lease_age_seconds"] < 30
+
+
+# --- what the protocol asks of S3 -----------------------------------------------------------------
+
+
+def _refusal(call, **request) -> tuple[int, str]:
+    """The HTTP status and error code with which S3 refused ``call(**request)``."""
+    with pytest.raises(ClientError) as refused:
+        call(**request)
+    return refused.value.response["ResponseMetadata"]["HTTPStatusCode"], refused.value.response["Error"]["Code"]
+
+
+def _listed_etags(s3, bucket: str) -> dict[str, str]:
+    return {item["Key"]: item["ETag"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+
+def test_conditional_writes_answer_as_on_aws(s3, bucket):
+    """What claim, renew and take-over read from S3's answers, as AWS gives them (README: "Two S3
+    implementations"). AWS may also answer a concurrent conditional write with 409
+    ConditionalRequestConflict; neither emulator does: they serialize such writes and refuse the
+    losers with 412 (test_row1_...)."""
+    put = s3.put_object
+    etag = put(Bucket=bucket, Key="lock", Body=b"first", IfNoneMatch="*")["ETag"]
+    assert _refusal(put, Bucket=bucket, Key="lock", Body=b"second", IfNoneMatch="*") == (412, "PreconditionFailed")
+    assert _refusal(put, Bucket=bucket, Key="lock", Body=b"second", IfMatch='"0"') == (412, "PreconditionFailed")
+    assert _refusal(put, Bucket=bucket, Key="no-lock", Body=b"second", IfMatch=etag) == (404, "NoSuchKey")
+    renewed = put(Bucket=bucket, Key="lock", Body=b"second", IfMatch=etag)["ETag"]
+    # ETags come quoted, the same from PutObject as from GetObject and the listing.
+    assert renewed.startswith('"') and renewed != etag
+    assert renewed == s3.get_object(Bucket=bucket, Key="lock")["ETag"] == _listed_etags(s3, bucket)["lock"]
+    # A lease's age is S3's Date header less LastModified, both to the second.
+    assert 0 <= tq._lease_age(s3.get_object(Bucket=bucket, Key="lock")) < 5
+
+
+def test_stale_conditional_delete(s3, bucket, s3_implementation):
+    """A lock is let go with DeleteObject If-Match on the holder's ETag. AWS honours it on general
+    purpose buckets since September 2025 (and moto does): refused with 412 when the ETag is stale,
+    404 NoSuchKey when the key is gone. LocalStack ignores the condition and deletes."""
+    stale = s3.put_object(Bucket=bucket, Key="lock", Body=b"paused worker")["ETag"]
+    s3.put_object(Bucket=bucket, Key="lock", Body=b"new owner", IfMatch=stale)
+    delete = s3.delete_object
+    if s3_implementation.deletes_if_match:
+        assert _refusal(delete, Bucket=bucket, Key="lock", IfMatch=stale) == (412, "PreconditionFailed")
+        assert _refusal(delete, Bucket=bucket, Key="no-lock", IfMatch=stale) == (404, "NoSuchKey")
+        assert _body(s3, bucket, "lock") == b"new owner"
+    else:
+        assert delete(Bucket=bucket, Key="lock", IfMatch=stale)["ResponseMetadata"]["HTTPStatusCode"] == 204
+        assert delete(Bucket=bucket, Key="no-lock", IfMatch=stale)["ResponseMetadata"]["HTTPStatusCode"] == 204
+        assert _keys(s3, bucket) == []
