@@ -1,5 +1,6 @@
 """The worker on the real emulator: the seed scenario with the real processing container, many
-workers at once, and fault-matrix rows 2, 4, 9 and 12 plus the bad inputs."""
+workers at once, the fault-matrix rows (those of S3 on moto's and on LocalStack's S3), the bad inputs,
+slots, signals and the trace."""
 
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def test_seed_scenario_three_workers_with_the_processing_container(
         assert manifest["shared"][0]["key"] == "kernel.dat"
 
 
+@pytest.mark.both_s3
 def test_sixteen_workers_on_500_tasks_do_each_exactly_once(s3, bucket, make_worker, inline_runner):
     names = [f"in{i:03d}.dat" for i in range(500)]
     _upload(s3, bucket, {name: os.urandom(64) for name in names})
@@ -117,6 +119,7 @@ def test_sixteen_workers_on_500_tasks_do_each_exactly_once(s3, bucket, make_work
     assert len(outputs) == 500
 
 
+@pytest.mark.both_s3
 def test_row2_killed_after_claiming_is_taken_over_once(s3, bucket, make_worker, inline_runner):
     _upload(s3, bucket, {"in1.dat": b"abcd", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\n"})
     queue = tq.Queue(bucket, lease_seconds=2)
@@ -138,11 +141,19 @@ def _slow_program(tmp_path: Path, seconds: float) -> str:
     return str(program)
 
 
-def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, emulator, tmp_path, make_worker, worker_module):
+@pytest.mark.both_s3
+def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, s3_endpoint, tmp_path, make_worker, worker_module):
     _upload(s3, bucket, {"in1.dat": os.urandom(100), "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(xor_job(bucket).as_dict()))
-    argv = [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--job", str(job_file), "--endpoint-url", emulator]
+    argv = [
+        sys.executable,
+        str(ROOT / "worker" / "cicc_worker.py"),
+        "--job",
+        str(job_file),
+        "--endpoint-url",
+        s3_endpoint,
+    ]
     argv += ["--workdir", str(tmp_path / "paused"), "--lease-seconds", "2", "--instance-id", "i-paused"]
     argv += ["--runner", "process", "--program", _slow_program(tmp_path, 1.5)]
     paused = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT / ".collections")})
@@ -190,8 +201,9 @@ print("published", flush=True)
 """
 
 
+@pytest.mark.both_s3
 def test_row6_worker_killed_mid_upload_leaves_no_partial_output(
-    s3, bucket, emulator, tmp_path, make_worker, inline_runner
+    s3, bucket, s3_endpoint, tmp_path, make_worker, inline_runner
 ):
     data = os.urandom(4 * 1024 * 1024)
     _upload(s3, bucket, {"in1.dat": data, "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
@@ -199,7 +211,10 @@ def test_row6_worker_killed_mid_upload_leaves_no_partial_output(
     output.write_bytes(os.urandom(len(data)))
     env = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
     dying = subprocess.Popen(
-        [sys.executable, "-c", _DYING_UPLOAD, emulator, bucket, str(output)], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _DYING_UPLOAD, s3_endpoint, bucket, str(output)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert dying.stdout.readline().strip() == "uploading"
@@ -241,6 +256,7 @@ def test_row9_failing_processing_counts_attempts_then_fails(
     assert _keys(s3, bucket, "locks/") == []
 
 
+@pytest.mark.both_s3
 def test_row12_empty_or_finished_queue_every_worker_exits(s3, bucket, make_worker, inline_runner):
     _upload(s3, bucket, {"kernel.dat": b"k", "tasklist.txt": b""})
     assert _run_all([make_worker(inline_runner, owner=f"w{i}") for i in range(3)]) == [0, 0, 0]
@@ -254,6 +270,7 @@ def test_row12_empty_or_finished_queue_every_worker_exits(s3, bucket, make_worke
     assert _body(s3, bucket, "out1.dat") == b"done before"
 
 
+@pytest.mark.both_s3
 def test_output_left_by_another_run_is_never_overwritten(s3, bucket, make_worker, inline_runner):
     """An output key holding other bytes (an earlier run on other inputs): the task fails saying so, the
     object stays; one holding the very bytes this run makes (an attempt that died before its manifest) counts."""
@@ -517,7 +534,8 @@ def test_summary_job_image_comes_from_the_bucket(
     assert _keys(s3, bucket, "summary/locks/") == [] and _body(s3, bucket, "summary/tasklist.txt") == b"in9.dat\n"
 
 
-def test_row13_sigterm_mid_task_gives_back_and_exits_within_ten_seconds(s3, bucket, emulator, tmp_path):
+@pytest.mark.both_s3
+def test_row13_sigterm_mid_task_gives_back_and_exits_within_ten_seconds(s3, bucket, s3_endpoint, tmp_path):
     """systemctl stop, a shutdown, Ctrl-C: no more claims, the running program stopped, the task given back without
     counting an attempt, the log uploaded, exit 0 within 10 s."""
     _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
@@ -527,7 +545,14 @@ def test_row13_sigterm_mid_task_gives_back_and_exits_within_ten_seconds(s3, buck
     program.write_text(
         f"import os, time\nopen({str(tmp_path / 'pids')!r}, 'a').write(f'{{os.getpid()}}\\n')\ntime.sleep(300)\n"
     )
-    argv = [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--job", str(job_file), "--endpoint-url", emulator]
+    argv = [
+        sys.executable,
+        str(ROOT / "worker" / "cicc_worker.py"),
+        "--job",
+        str(job_file),
+        "--endpoint-url",
+        s3_endpoint,
+    ]
     argv += ["--workdir", str(tmp_path / "work"), "--instance-id", "i-stopped", "--slots", "1"]
     argv += ["--runner", "process", "--program", str(program)]
     worker = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT / ".collections")})
@@ -681,13 +706,14 @@ class _FaultyS3Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_row14_throttled_s3_loses_nothing_and_does_nothing_twice(s3, bucket, emulator, make_worker, inline_runner):
+@pytest.mark.both_s3
+def test_row14_throttled_s3_loses_nothing_and_does_nothing_twice(s3, bucket, s3_endpoint, make_worker, inline_runner):
     """A third of the requests answered 503 SlowDown, some 500: the workers back off with jitter and retry; every
     task is done exactly once, nothing failed, the lists exact."""
     names = [f"in{i:02d}.dat" for i in range(30)]
     _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
     _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
-    proxy = _FaultyS3(emulator, every=3, every_500=7)
+    proxy = _FaultyS3(s3_endpoint, every=3, every_500=7)
     try:
         workers = [make_worker(inline_runner, owner=f"w{i}", endpoint_url=proxy.url) for i in range(4)]
         assert _run_all(workers) == [0, 0, 0, 0]
@@ -700,7 +726,8 @@ def test_row14_throttled_s3_loses_nothing_and_does_nothing_twice(s3, bucket, emu
     assert len(_keys(s3, bucket, "manifests/")) == len(names)
 
 
-def test_row15_s3_unreachable_for_30_s_workers_wait_and_resume(s3, bucket, emulator, make_worker, inline_runner):
+@pytest.mark.both_s3
+def test_row15_s3_unreachable_for_30_s_workers_wait_and_resume(s3, bucket, s3_endpoint, make_worker, inline_runner):
     """S3 drops every connection for 30 s mid-run: the workers wait and resume; a lease that ran out in the
     outage is taken over once, and every task still ends completed once, its output published once."""
     names = [f"in{i:02d}.dat" for i in range(24)]
@@ -718,7 +745,7 @@ def test_row15_s3_unreachable_for_30_s_workers_wait_and_resume(s3, bucket, emula
         def cancel(self):
             pass
 
-    proxy = _FaultyS3(emulator)
+    proxy = _FaultyS3(s3_endpoint)
     try:
         settings = {"endpoint_url": proxy.url, "lease_seconds": 10, "slots": 1}
         workers = [make_worker(Slow(), owner=f"w{i}", **settings) for i in range(3)]
@@ -744,8 +771,9 @@ def test_row15_s3_unreachable_for_30_s_workers_wait_and_resume(s3, bucket, emula
         assert _body(s3, bucket, f"out{name[2:]}") == _expected(s3, bucket, name)
 
 
+@pytest.mark.both_s3
 def test_every_attempt_is_traced_and_the_requests_add_up(
-    s3, bucket, emulator, make_worker, inline_runner, worker_module
+    s3, bucket, s3_endpoint, make_worker, inline_runner, worker_module
 ):
     """Each attempt ends as one trace row (outcome, ordered times, bytes, ETags, machine, code), each worker's
     run as one record; their S3 requests add up to what a counting proxy in front of S3 saw."""
@@ -769,7 +797,7 @@ def test_every_attempt_is_traced_and_the_requests_add_up(
             pass
 
     machine = {"instance_type": "c4.large", "availability_zone": "us-east-1a", "market": "spot", "ami_id": "ami-9"}
-    proxy = _FaultyS3(emulator)
+    proxy = _FaultyS3(s3_endpoint)
     try:
         workers = [make_worker(FailingSome(), owner=f"w{i}", endpoint_url=proxy.url, slots=1) for i in range(2)]
         for worker in workers:

@@ -172,6 +172,22 @@ def test_row3_output_uploaded_then_worker_died(s3, bucket, tmp_path):
     assert _body(s3, queue.bucket, "out1.dat") == b"result"  # not recomputed
 
 
+def test_a_lock_left_on_a_finished_task_goes_at_the_forced_compaction(s3, queue, tmp_path):
+    """A worker stopped between recording its task done and deleting its lock (killed, or S3 went away): no
+    claim looks at a finished task again, so the forced compaction (a worker's last, a person's) lets the
+    lock go; a compaction in passing leaves it, and the lock of a task in progress is never touched."""
+    _seed(s3, queue, ["in1.dat", "in2.dat"])
+    stopped = tq.claim(s3, queue, "in1.dat", "stopped")
+    assert _publish(s3, queue, stopped, b"result", tmp_path)
+    s3.put_object(Bucket=queue.bucket, Key=queue.journal_key("completed", "in1.dat"), Body=b"")  # then it stopped
+    working = tq.claim(s3, queue, "in2.dat", "working")
+    assert tq.compact(s3, queue)["locks"] == 0 and len(_keys(s3, queue.bucket, "locks/")) == 2
+    assert tq.compact(s3, queue, force=True)["locks"] == 1
+    assert _keys(s3, queue.bucket, "locks/") == ["locks/in2.dat"]
+    tq.renew(s3, queue, working)  # still its holder's
+    assert _body(s3, queue.bucket, "completed.txt") == b"in1.dat\n"
+
+
 @pytest.mark.parametrize("skew", [-600, 600])
 def test_row5_worker_clock_off_by_ten_minutes(s3, bucket, monkeypatch, skew):
     """Leases are timed by S3's clock: a worker whose clock is 10 minutes off takes no live lease over
