@@ -108,7 +108,7 @@ class TimedXorRunner(bench_queue.XorRunner):
         return super().run(job, task, dirs, image_id)
 
 
-def run_one(task_queue, worker_mod, n: int, k: int, seconds: float, args) -> dict:
+def run_one(task_queue, worker_mod, n: int, k: int, seconds: float, args, latency: float | None = None) -> dict:
     scheduler = sim_clock.new_scheduler()
     random.seed(f"{args.seed}-{n}-{k}-{seconds}")
     s3 = SimS3()
@@ -122,12 +122,16 @@ def run_one(task_queue, worker_mod, n: int, k: int, seconds: float, args) -> dic
     meter = SimMeter(claims_before_tail=n)
     runner = TimedXorRunner(worker_mod, scheduler, seconds)
     workdir = Path(tempfile.mkdtemp(prefix="cicc-bench-sim-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    # Uniform latency keeps the workers in step (all compacting at once); jitter, from a generator of its
+    # own, lets them drift apart as on a real network.
+    spread = random.Random(f"{args.seed}-latency")
+    jitter = (lambda: spread.uniform(1 - args.jitter, 1 + args.jitter)) if args.jitter else None
     workers = []
     for index in range(k):
         settings = worker_mod.Settings(
             workdir=str(workdir), lease_seconds=args.lease_seconds, slots=1, exit_action="none"
         )
-        client = s3.client(scheduler, args.latency, meter)
+        client = s3.client(scheduler, args.latency if latency is None else latency, meter, jitter)
         workers.append(worker_mod.Worker(settings, client, job, runner, owner=f"sim-w{index:04d}"))
     errors: list[str] = []
 
@@ -148,7 +152,9 @@ def run_one(task_queue, worker_mod, n: int, k: int, seconds: float, args) -> dic
     wall = time.monotonic() - started
     problems = errors + scheduler.errors + bench_queue.verify(admin, task_queue, job, names, runner, meter)
     shutil.rmtree(workdir, ignore_errors=True)
-    return figures(meter, n, k, seconds, wall, setup_s, scheduler, problems)
+    result = figures(meter, n, k, seconds, wall, setup_s, scheduler, problems)
+    result["latency_s"] = args.latency if latency is None else latency
+    return result
 
 
 def figures(meter: SimMeter, n: int, k: int, seconds: float, wall: float, setup_s: float, scheduler, problems):
@@ -185,6 +191,7 @@ def figures(meter: SimMeter, n: int, k: int, seconds: float, wall: float, setup_
         "by_class": {f"{op} {cl}": c for (op, cl), c in sorted(meter.by_class.items(), key=lambda x: -x[1])},
         "refused": {f"{op} {cl}": c for (op, cl), c in meter.refused.items()},
         "list_bytes_by_file": {f"{f} {d}": c for (f, d), c in meter.list_bytes_by_file.items()},
+        "listing_by_prefix": dict(meter.listing_by_prefix),
         "problems": problems,
     }
 
@@ -273,24 +280,39 @@ def moto_figures(args) -> dict:
     return json.loads(Path(path).read_text())[0]
 
 
-def print_confirm(sim: dict, moto: dict) -> None:
-    n = sim["tasks"]
-    rows = [
-        ("requests/task", sim["requests_per_task"], moto["requests_per_task"]),
-        ("list KB/task", sim["list_bytes_per_task"] / 1024, moto["list_bytes_per_task"] / 1024),
-        ("listing KB/task", sim["listing_bytes_per_task"] / 1024, moto["listing_bytes_per_task"] / 1024),
-    ]
-    for op in sorted(set(sim["by_operation"]) | set(moto["by_operation"])):
-        rows.append((f"{op}/task", sim["by_operation"].get(op, 0) / n, moto["by_operation"].get(op, 0) / n))
+def moto_latency(moto: dict) -> float:
+    """The time a request of moto's took as its workers saw it (each sends one at a time): K x wall / requests."""
+    return moto["workers"] * moto["wall_s"] / moto["requests"]
+
+
+def print_confirm(sims: list[dict], moto: dict) -> None:
+    """Each simulated run beside moto's (the last one had moto's own time per request), with their ratio."""
+    n = moto["tasks"]
+    ops = sorted(set(sims[0]["by_operation"]) | set(moto["by_operation"]))
+
+    def rows(r: dict) -> list[tuple[str, float]]:
+        found = [
+            ("requests/task", r["requests_per_task"]),
+            ("list KB/task", r["list_bytes_per_task"] / 1024),
+            ("listing KB/task", r["listing_bytes_per_task"] / 1024),
+        ]
+        return found + [(f"{op}/task", r["by_operation"].get(op, 0) / n) for op in ops]
+
+    runs = ", ".join(f"{r['wall_s']:.0f} s wall at {r['latency_s'] * 1000:.0f} ms a request" for r in sims)
     print(
-        f"confirm: N={n:,} K={sim['workers']}, 0-s tasks; moto's wall {moto['wall_s']:.0f} s, simulator's "
-        f"{sim['wall_s']:.0f} s ({sim['virtual_s']:.0f} s simulated)"
+        f"confirm: N={n:,} K={moto['workers']}, 0-s tasks; moto: {moto['wall_s']:.0f} s wall, "
+        f"{moto_latency(moto) * 1000:.0f} ms a request as a worker sees it; simulator: {runs}"
     )
-    print(f"{'figure':<22} | {'simulator':>10} | {'moto':>10} | {'sim/moto':>8}")
-    print("-" * 60)
-    for name, ours, theirs in rows:
-        ratio = f"{ours / theirs:8.3f}" if theirs else "     n/a"
-        print(f"{name:<22} | {ours:10.3f} | {theirs:10.3f} | {ratio}")
+    columns = " | ".join(f"{'sim ' + format(r['latency_s'] * 1000, '.0f') + ' ms':>11} | {'ratio':>6}" for r in sims)
+    header = f"{'figure':<20} | {'moto':>8} | {columns}"
+    print(header)
+    print("-" * len(header))
+    ours = [rows(r) for r in sims]
+    for index, (name, theirs) in enumerate(rows(moto)):
+        cells = [
+            f"{run[index][1]:11.3f} | " + (f"{run[index][1] / theirs:6.3f}" if theirs else "   n/a") for run in ours
+        ]
+        print(f"{name:<20} | {theirs:8.3f} | " + " | ".join(cells))
     if moto["problems"]:
         print("moto run problems: " + "; ".join(moto["problems"]))
 
@@ -310,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-seconds", type=_floats, help=f"virtual processing times (default {GRID_SECONDS})")
     parser.add_argument("--quick", action="store_true", help=f"only the runs {QUICK}")
     parser.add_argument("--latency", type=float, default=0.02, help="virtual seconds each S3 request takes")
+    parser.add_argument(
+        "--jitter", type=float, default=0.0, help="each request takes latency x uniform(1 - J, 1 + J) (default 0)"
+    )
     parser.add_argument("--lease-seconds", type=int, default=120)
     parser.add_argument("--seed", default="1")
     parser.add_argument("--confirm", action="store_true", help=f"N={CONFIRM_N} K={CONFIRM_K} here and on moto")
@@ -333,18 +358,23 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.tasks or args.workers or args.task_seconds):  # the grid, and the rate targets' own run
             runs.append((10_000, *TARGET_RATES_AT))
     print(
-        f"simulated S3 task queue: {len(runs)} run(s), latency {args.latency * 1000:g} ms a request, lease "
+        f"simulated S3 task queue: {len(runs)} run(s), latency {args.latency * 1000:g} ms a request "
+        f"(jitter {args.jitter:g}), lease "
         f"{args.lease_seconds} s, compact_every {worker_mod.Settings().compact_every}, 1 slot a worker, seed {args.seed}"
     )
+    moto = moto_figures(args) if args.confirm else None
     results = []
     for n, k, seconds in runs:
         results.append(run_one(task_queue, worker_mod, n, k, seconds, args))
         print_detail(results[-1])
+    if moto:  # again with moto's latency: the figures that depend on how requests interleave
+        results.append(run_one(task_queue, worker_mod, *runs[0], args, latency=moto_latency(moto)))
+        print_detail(results[-1])
     print()
     print_table(results)
-    if args.confirm:
+    if moto:
         print()
-        print_confirm(results[0], moto_figures(args))
+        print_confirm(results, moto)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     failed = [r for r in results if r["problems"]]
