@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     for n, k, seconds in runs:
         results.append(run_one(task_queue, worker_mod, n, k, seconds, args))
         print_detail(results[-1])
+        if args.json:  # after every run: a long grid stopped half-way keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=1))
     if moto:  # again with moto's latency: the figures that depend on how requests interleave
         results.append(run_one(task_queue, worker_mod, *runs[0], args, latency=moto_latency(moto)))
         print_detail(results[-1])
