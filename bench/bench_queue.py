@@ -51,10 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REGION, OwnMoto, link_collection, load_by_path, load_worker, xor_job
+from common import LIST_FILES, REGION, OwnMoto, key_class, link_collection, load_by_path, load_worker, xor_job
 
 TQ_MODULE = "ansible_collections.cicc.cloud.plugins.module_utils.task_queue"
-LIST_FILES = ("tasklist.txt", "completed.txt", "failed.txt", "rejected.txt")
 INPUT_BYTES = 16
 KERNEL = b"\x5a\xa5\x0f\xf0"
 REQUEST_TARGET = 10.0
@@ -83,28 +82,6 @@ def load_code(task_queue_path: str | None, worker_path: str | None) -> tuple[typ
 
 
 # --- counting -------------------------------------------------------------------------------------
-
-
-def key_class(key: str) -> str:
-    if key in LIST_FILES:
-        return "list"
-    if key == "kernel.dat":
-        return "kernel"
-    prefixes = (
-        ("locks/", "lock"),
-        ("journal/", "journal"),
-        ("failed/", "failed-record"),
-        ("manifests/", "manifest"),
-        ("logs/", "log"),
-    )
-    for prefix, name in prefixes:
-        if key.startswith(prefix):
-            return name
-    if key.startswith("in"):
-        return "input"
-    if key.startswith("out"):
-        return "output"
-    return "other"
 
 
 class Meter:

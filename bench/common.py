@@ -31,6 +31,30 @@ COLLECTIONS = ROOT / ".collections"
 REGION = "us-east-1"
 # The longest a playbook of the local pipeline may take.
 PLAYBOOK_TIMEOUT = 1800
+# The queue's lists (the benchmarks count their traffic apart).
+LIST_FILES = ("tasklist.txt", "completed.txt", "failed.txt", "rejected.txt")
+
+
+def key_class(key: str) -> str:
+    if key in LIST_FILES:
+        return "list"
+    if key == "kernel.dat":
+        return "kernel"
+    prefixes = (
+        ("locks/", "lock"),
+        ("journal/", "journal"),
+        ("failed/", "failed-record"),
+        ("manifests/", "manifest"),
+        ("logs/", "log"),
+    )
+    for prefix, name in prefixes:
+        if key.startswith(prefix):
+            return name
+    if key.startswith("in"):
+        return "input"
+    if key.startswith("out"):
+        return "output"
+    return "other"
 
 
 def link_collection() -> None:

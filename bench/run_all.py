@@ -5,7 +5,8 @@ interpreter, from the repository root, one after the other (they measure time: n
 
 --quick asks for small sizes: a script whose --help lists a --quick flag gets --quick; a script
 without one but listed in QUICK_FALLBACK gets the arguments given there, provided its --help
-still lists every flag they use; any other script runs with its defaults (and says so).
+still lists every flag they use; any other script runs with its defaults (and says so). A script
+listed in QUICK_ONLY runs in its quick form either way: its full grid takes hours (run it by hand).
 
 Usage: bench/run_all.py [--quick] [--list] [NAME ...]   (NAME: e.g. queue or bench_queue.py)
 Exit code: 0 when every script exited 0, else 1.
@@ -27,6 +28,9 @@ QUICK_FALLBACK = {
     "bench_worker.py": ["--repeats", "1"],
     "bench_xor.py": ["--sizes", "2MB,32MB", "--repeats", "3"],
 }
+
+# Scripts whose full sizes are too long for a run of every benchmark.
+QUICK_ONLY = ("bench_sim.py",)
 
 
 def discover(selected: list[str]) -> list[Path]:
@@ -77,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     summary = []
     for script in scripts:
-        extra, note = quick_args(script) if args.quick else ([], "full sizes")
+        if args.quick or script.name in QUICK_ONLY:
+            extra, note = quick_args(script)
+        else:
+            extra, note = [], "full sizes"
         command = [sys.executable, str(script.relative_to(ROOT)), *extra]
         print(f"==== {script.name} ({note}): {' '.join(command[1:])}", flush=True)
         started = time.monotonic()
