@@ -27,6 +27,7 @@ import hashlib
 import io
 import threading
 import time
+import types
 from email.utils import formatdate
 
 from botocore.exceptions import ClientError
@@ -260,6 +261,18 @@ class _Paginator:
             token = page["NextContinuationToken"]
 
 
+class _Events:
+    """botocore's event hooks as far as the worker uses them: before-send handlers run before each request
+    (the worker counts its requests so)."""
+
+    def __init__(self) -> None:
+        self.before_send: list = []
+
+    def register(self, name: str, handler, **_) -> None:
+        if name.startswith("before-send"):
+            self.before_send.append(handler)
+
+
 class SimClient:
     """The subset of boto3's S3 client that task_queue.py, cicc_worker.py and the benchmarks call."""
 
@@ -270,10 +283,13 @@ class SimClient:
 
     def __init__(self, s3: SimS3, clock, latency: float, meter: SimMeter | None, jitter=None) -> None:
         self.s3, self.clock, self.latency, self.meter, self.jitter = s3, clock, latency, meter, jitter
+        self.meta = types.SimpleNamespace(events=_Events())
 
     # --- the request cycle
 
     def _begin(self, bucket: str, op: str) -> tuple[SimBucket, float, str]:
+        for handler in self.meta.events.before_send:
+            handler(request=None)
         now = self.clock.time()
         date = formatdate(int(now), usegmt=True)
         found = self.s3.buckets.get(bucket)
