@@ -44,6 +44,11 @@ def _upload(s3, bucket: str, objects: dict[str, bytes]) -> None:
         s3.put_object(Bucket=bucket, Key=key, Body=body)
 
 
+def _worker_command(job: str, endpoint: str) -> list[str]:
+    """The worker as its unit runs it, on ``job`` against the S3 at ``endpoint``."""
+    return [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--job", job, "--endpoint-url", endpoint]
+
+
 def _expected(s3, bucket: str, name: str) -> bytes:
     data = np.frombuffer(_body(s3, bucket, name), dtype=np.uint8)
     kernel = np.frombuffer(_body(s3, bucket, "kernel.dat"), dtype=np.uint8)
@@ -146,14 +151,7 @@ def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, s3_endpoint, t
     _upload(s3, bucket, {"in1.dat": os.urandom(100), "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(xor_job(bucket).as_dict()))
-    argv = [
-        sys.executable,
-        str(ROOT / "worker" / "cicc_worker.py"),
-        "--job",
-        str(job_file),
-        "--endpoint-url",
-        s3_endpoint,
-    ]
+    argv = _worker_command(str(job_file), s3_endpoint)
     argv += ["--workdir", str(tmp_path / "paused"), "--lease-seconds", "2", "--instance-id", "i-paused"]
     argv += ["--runner", "process", "--program", _slow_program(tmp_path, 1.5)]
     paused = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT / ".collections")})
@@ -475,8 +473,8 @@ def test_a_bad_job_at_boot_claims_nothing_and_says_why(s3, bucket, emulator, tmp
     bad = {**xor_job(bucket).as_dict(), "name": "Bad Name", "cpus": 0}
     _upload(s3, bucket, {"job.json": json.dumps(bad).encode(), "in1.dat": b"x", "kernel.dat": b"k"})
     _upload(s3, bucket, {"tasklist.txt": b"in1.dat\n"})
-    argv = [sys.executable, str(ROOT / "worker" / "cicc_worker.py"), "--job", f"s3://{bucket}/job.json"]
-    argv += ["--endpoint-url", emulator, "--workdir", str(tmp_path), "--instance-id", "i-badjob"]
+    argv = _worker_command(f"s3://{bucket}/job.json", emulator)
+    argv += ["--workdir", str(tmp_path), "--instance-id", "i-badjob"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
@@ -545,14 +543,7 @@ def test_row13_sigterm_mid_task_gives_back_and_exits_within_ten_seconds(s3, buck
     program.write_text(
         f"import os, time\nopen({str(tmp_path / 'pids')!r}, 'a').write(f'{{os.getpid()}}\\n')\ntime.sleep(300)\n"
     )
-    argv = [
-        sys.executable,
-        str(ROOT / "worker" / "cicc_worker.py"),
-        "--job",
-        str(job_file),
-        "--endpoint-url",
-        s3_endpoint,
-    ]
+    argv = _worker_command(str(job_file), s3_endpoint)
     argv += ["--workdir", str(tmp_path / "work"), "--instance-id", "i-stopped", "--slots", "1"]
     argv += ["--runner", "process", "--program", str(program)]
     worker = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT / ".collections")})
