@@ -15,9 +15,11 @@ Each slot loops: claim a task from the S3 queue, stage its input to block storag
 container on it (input and shared files read-only, an empty output directory), publish every file
 the container wrote, then the task's manifest (which marks it done), let its lock go; until no task
 is left. It heartbeats while a task runs; the job's exit-code rules decide whether a failed run is
-retried or fails the task at once. At the end it folds the journal into the lists, uploads its log
-(<prefix>logs/<instance>/log.txt) and runs its exit action: terminate its own instance through the
-EC2 API, with OS shutdown as the fallback.
+retried or fails the task at once. Every attempt, however it ends, goes into the run's trace
+(plugins/module_utils/run_trace.py), with the S3 requests it made. An S3 outage or throttling that
+outlasts the client's retries is waited out (s3_patience_seconds). At the end it folds the journal
+into the lists, writes its run's record, uploads its log (<prefix>logs/<instance>/log.txt) and runs
+its exit action: terminate its own instance through the EC2 API, with OS shutdown as the fallback.
 
 Machine settings come from a JSON file (--config, written by the worker role) and flags; the
 instance id from IMDSv2 on EC2, or from the identity file on the local cloud. Credentials come from
@@ -594,22 +596,25 @@ class Worker:
         self._record_run(stopped, code)
         return code
 
-    def _common(self) -> dict:
-        """What every trace row and the run's record share: the job, this worker, its machine and code."""
+    def _provenance(self) -> dict:
+        """What every trace row, manifest and the run's record say of how: job, worker, machine, code."""
         return {
             "job": self.job.name,
             "worker": self.owner,
             "instance_id": self.settings.instance_id,
             **self.machine,
-            "image": self.job.image_name,
-            "image_id": self.image_id,
             "code_version": CODE_VERSION,
         }
 
+    def _common(self) -> dict:
+        """What every trace row and the run's record share: the provenance and the image."""
+        return {**self._provenance(), "image": self.job.image_name, "image_id": self.image_id}
+
     def _trace(self, attempt: run_trace.Attempt) -> None:
+        attempt.ended_at = attempt.ended_at or time.time()  # not run (or not to its end): ended now
         with self._lock:
             self._first_claim_at = min(self._first_claim_at or attempt.claimed_at, attempt.claimed_at)
-            self._last_end_at = max(self._last_end_at, attempt.ended_at or time.time())
+            self._last_end_at = max(self._last_end_at, attempt.ended_at)
         try:
             self.trace.add(attempt)
         except Exception as error:  # noqa: BLE001 - kept for the next batch; the queue state is safe either way
@@ -728,17 +733,20 @@ class Worker:
                 heartbeat.start()
                 try:
                     staged = self._stage_input(lease.name, task_dir / "input")
-                except BaseException as error:
+                except task_queue.BadInput as error:
                     heartbeat.stop()
-                    if isinstance(error, task_queue.BadInput):
-                        attempt.ended(self._give_back(lease, error, fail_now=True), str(error))
-                    self._trace(attempt)  # abandoned, unless a bad input failed it
+                    attempt.ended(self._give_back(lease, error, fail_now=True), str(error))
+                    self._trace(attempt)
                     self._let_go(lease, task_dir)
-                    if not isinstance(error, task_queue.BadInput):
-                        raise
                     attempt = run_trace.Attempt("", 0, picker.owner)
                     self.requests.charge(attempt)
                     continue
+                except BaseException as error:
+                    heartbeat.stop()
+                    attempt.ended(run_trace.ABANDONED, str(error))
+                    self._trace(attempt)
+                    self._let_go(lease, task_dir)
+                    raise
                 attempt.staged_at, attempt.bytes_in, attempt.input_etag = time.time(), staged["size"], staged["etag"]
                 return Claimed(lease, task_dir, heartbeat, staged, attempt)
             return None
@@ -836,7 +844,6 @@ class Worker:
             raise
         finally:
             heartbeat.stop()
-            attempt.ended_at = attempt.ended_at or time.time()
             self._trace(attempt)
             self.requests.charge(None)
             self._let_go(lease, task.task_dir)
@@ -883,7 +890,7 @@ class Worker:
     def _manifest(self, lease, staged: dict, files: list[dict], result: RunResult, attempt: run_trace.Attempt) -> dict:
         """How the outputs were made: input, shared files, image, command, machine, code, attempt, times."""
         return {
-            **self._common(),
+            **self._provenance(),
             "attempt": lease.attempts,
             "owner": lease.owner,
             "input": staged,
