@@ -160,8 +160,8 @@ def run_one(task_queue, worker_mod, n: int, k: int, seconds: float, args, latenc
 def figures(meter: SimMeter, n: int, k: int, seconds: float, wall: float, setup_s: float, scheduler, problems):
     data = meter.by_class[("GetObject", "input")] + meter.by_class[("PutObject", "output")]
     data += meter.by_class[("GetObject", "kernel")]
-    key_peak, hot_key, _ = meter.key_writes.result()
-    prefix_peak, hot_prefix, _ = meter.prefix_requests.result()
+    key_peak, hot_key = meter.key_writes.result()[:2]
+    prefix_peak, hot_prefix = meter.prefix_requests.result()[:2]
     puts = sum(meter.requests[op] for op in PUT_CLASS)
     gets = sum(meter.requests[op] for op in GET_CLASS)
     list_total = meter.list_bytes["read"] + meter.list_bytes["written"]
