@@ -996,23 +996,30 @@ def instance_metadata(settings: Settings, timeout: float = 2.0) -> dict:
     if isinstance(identity, dict) and identity.get("instance_id"):
         return {key: str(identity.get(key, "")) for key in known}
     try:
-        known["instance_id"] = _imds_get(settings, "meta-data/instance-id", timeout)
+        token = _imds_token(settings, timeout)
+        known["instance_id"] = _imds_get(settings, "meta-data/instance-id", timeout, token)
     except OSError:
         return known
     for key, path in {"user_data": "user-data", **IMDS_FACTS}.items():
         try:
-            known[key] = _imds_get(settings, path, timeout)
+            known[key] = _imds_get(settings, path, timeout, token)
         except OSError:  # user-data: 404 when launched without any
             pass
     return known
 
 
-def _imds_get(settings: Settings, path: str, timeout: float = 2.0) -> str:
-    """GET a metadata path with an IMDSv2 session token; raises OSError (HTTPError on 404)."""
+def _imds_token(settings: Settings, timeout: float = 2.0) -> str:
+    """An IMDSv2 session token (valid 5 minutes); raises OSError off EC2."""
     request = urllib.request.Request(
         f"{settings.metadata_url}/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
     )
-    token = urllib.request.urlopen(request, timeout=timeout).read().decode()
+    return urllib.request.urlopen(request, timeout=timeout).read().decode()
+
+
+def _imds_get(settings: Settings, path: str, timeout: float = 2.0, token: str = "") -> str:
+    """GET a metadata path with an IMDSv2 session token (a new one unless given); raises OSError (HTTPError
+    on 404)."""
+    token = token or _imds_token(settings, timeout)
     request = urllib.request.Request(f"{settings.metadata_url}/{path}", headers={"X-aws-ec2-metadata-token": token})
     return urllib.request.urlopen(request, timeout=timeout).read().decode()
 

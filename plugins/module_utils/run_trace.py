@@ -160,22 +160,22 @@ class TraceLog:
             self.written += len(rows)
 
 
+def _bodies(client, bucket: str, prefix: str):
+    """The body of every object under ``prefix``."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            yield client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+
+
 def read_trace(client, bucket: str, queue_prefix: str) -> list[dict]:
     """Every attempt row of the job's trace, ordered by claim time (read-only)."""
-    rows = []
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=trace_prefix(queue_prefix)):
-        for item in page.get("Contents", []):
-            body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode()
-            rows += [json.loads(line) for line in body.splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for body in _bodies(client, bucket, trace_prefix(queue_prefix)) for line in body.splitlines()
+    ]
     return sorted(rows, key=lambda row: (row["claimed_at"], row["task"], row["attempt"]))
 
 
 def read_workers(client, bucket: str, queue_prefix: str) -> list[dict]:
     """Every worker run's record (read-only)."""
-    records = []
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=f"{queue_prefix}workers/"):
-        for item in page.get("Contents", []):
-            records.append(json.loads(client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()))
+    records = [json.loads(body) for body in _bodies(client, bucket, f"{queue_prefix}workers/")]
     return sorted(records, key=lambda record: record["started_at"])
