@@ -15,7 +15,7 @@ key class:
 
 After each run it checks that every task was done exactly once (one processing run and one
 output write per task, N outputs and N manifests, completed.txt = the N names, tasklist.txt empty,
-failed.txt empty, no lock and no journal key left) and prints FAIL otherwise.
+failed.txt empty, no lock and no compaction turn left) and prints FAIL otherwise.
 
 Targets (the issue): <= 10 requests per task, flat in N and K; <= 64 KB of list traffic per task
 at N = 10,000.
@@ -279,7 +279,7 @@ def verify(admin, task_queue, job, names: list[str], runner: XorRunner, meter: M
         problems.append("tasklist.txt is not empty")
     if body("failed.txt").strip():
         problems.append("failed.txt is not empty")
-    for prefix in ("locks/", "journal/", "failed/"):
+    for prefix in ("locks/", "compaction.json", "failed/"):
         left = [k for k in keys if k.startswith(prefix)]
         if left:
             problems.append(f"{len(left)} {prefix} keys left")

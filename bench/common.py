@@ -42,7 +42,7 @@ def key_class(key: str) -> str:
         return "kernel"
     prefixes = (
         ("locks/", "lock"),
-        ("journal/", "journal"),
+        ("compaction.json", "compaction"),
         ("failed/", "failed-record"),
         ("manifests/", "manifest"),
         ("logs/", "log"),

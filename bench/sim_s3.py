@@ -6,7 +6,8 @@ What it keeps of S3's semantics (tests/integration/test_sim_s3.py checks each ag
   client's clock, to the second (as S3's HTTP headers give them), which is how task_queue reads leases;
 - PutObject with IfNoneMatch="*" on an existing key, or IfMatch with another ETag, is refused with
   412 PreconditionFailed; IfMatch on a missing key answers 404 NoSuchKey; DeleteObject likewise;
-- GetObject of a missing key raises NoSuchKey (404), HeadObject a bare "404";
+- GetObject of a missing key raises NoSuchKey (404), HeadObject a bare "404"; GetObject with IfNoneMatch
+  naming the current ETag answers 304 Not Modified, with no body;
 - ListObjectsV2 pages of at most 1,000 keys in key order, with Prefix, Delimiter, StartAfter,
   ContinuationToken, KeyCount, IsTruncated and NextContinuationToken;
 - errors are botocore ClientErrors with the Error.Code and HTTPStatusCode botocore would give.
@@ -380,8 +381,11 @@ class SimClient:
             "ResponseMetadata": self._meta(200, date, **headers),
         }
 
-    def get_object(self, Bucket: str, Key: str, **_) -> dict:  # noqa: N803
+    def get_object(self, Bucket: str, Key: str, IfNoneMatch=None, **_) -> dict:  # noqa: N803
         obj, now, date = self._lookup("GetObject", Bucket, Key)
+        if IfNoneMatch is not None and IfNoneMatch in ("*", obj.etag):
+            self._end(now, "GetObject", Key, 304)  # Not Modified: no body, and botocore raises it
+            raise _error("GetObject", "304", 304, "Not Modified", date)
         self._end(now, "GetObject", Key, 200, received=len(obj.body))
         return {**self._object_answer(obj, date), "Body": SimBody(obj.body)}
 

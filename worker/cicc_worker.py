@@ -13,12 +13,12 @@ bucket and checked by its ID, or pulled from a registry), stages the job's share
 runs as many slots as the machine's vCPUs and memory allow for the job's CPUs and memory per task.
 Each slot loops: claim a task from the S3 queue, stage its input to block storage, run the job's
 container on it (input and shared files read-only, an empty output directory), publish every file
-the container wrote, then the task's manifest (which marks it done), let its lock go; until no task
-is left. It heartbeats while a task runs; the job's exit-code rules decide whether a failed run is
+the container wrote, then the task's manifest (which makes it done), turn its lock into the task's
+finished mark; until no task is left. It heartbeats while a task runs; the job's exit-code rules decide whether a failed run is
 retried or fails the task at once. Every attempt, however it ends, goes into the run's trace
 (plugins/module_utils/run_trace.py), with the S3 requests it made. An S3 outage or throttling that
-outlasts the client's retries is waited out (s3_patience_seconds). At the end it folds the journal
-into the lists, writes its run's record, uploads its log (<prefix>logs/<instance>/log.txt) and runs
+outlasts the client's retries is waited out (s3_patience_seconds). At the end it folds the finished
+marks into the lists, writes its run's record, uploads its log (<prefix>logs/<instance>/log.txt) and runs
 its exit action: terminate its own instance through the EC2 API, with OS shutdown as the fallback.
 
 Machine settings come from a JSON file (--config, written by the worker role) and flags; the
@@ -449,7 +449,8 @@ class ProcessRunner:
 
 
 class Heartbeat(threading.Thread):
-    """Renews a lease every quarter lease until stopped; notes when the lease was lost."""
+    """Renews a lease every third of the lease until stopped (two chances before it runs out); notes when
+    the lease was lost."""
 
     def __init__(self, client, queue: task_queue.Queue, lease: task_queue.Lease, charge=lambda: None) -> None:
         super().__init__(daemon=True)
@@ -460,7 +461,7 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         self._charge()
-        while not self._halt.wait(self.lease.lease_seconds / 4):
+        while not self._halt.wait(self.lease.lease_seconds / 3):
             try:
                 task_queue.renew(self.client, self.queue, self.lease)
             except task_queue.LeaseLost as error:
@@ -789,8 +790,8 @@ class Worker:
         return 0 < self.settings.max_tasks <= self.taken
 
     def _compact(self, **kwargs) -> None:
-        """Fold the journal into the lists, best effort: what is not folded stays journaled
-        (task_status counts it) and the next compaction, by any worker or person, folds it."""
+        """Fold the finished marks into the lists, best effort: what is not folded stays marked
+        (task_info counts it) and the next compaction, by any worker or person, folds it."""
         try:
             task_queue.compact(self.client, self.queue, **kwargs)
         except Exception as error:  # noqa: BLE001 - an S3 error here must not stop the worker

@@ -500,7 +500,7 @@ _SCHEMA = (
         "string",
         "",
         _PREFIX_RULE,
-        "the job's folder in the bucket: the queue lives here (tasklist.txt, completed.txt, locks/, journal/, "
+        "the job's folder in the bucket: the queue lives here (tasklist.txt, completed.txt, locks/, "
         "manifests/, failed/, job.json)",
         _text(problem=_prefix_problem),
     ),

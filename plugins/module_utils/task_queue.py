@@ -11,13 +11,18 @@ Keys, all under the queue prefix P:
 
   I<name>                     a task's input, under the input prefix I (the queue prefix unless the job says otherwise)
   P tasklist.txt              names still to do, one per line (people edit it)
-  P completed.txt             names done           } rewritten only by compact(),
-  P failed.txt                names given up on    } from the journal below
+  P completed.txt             names done           } rewritten only by compact(), from the
+  P failed.txt                names given up on    } finished marks below
   P rejected.txt              tasklist lines that are not task names, with the reason
-  P locks/<name>              the lease: a tiny JSON body (owner, token, attempts, lease length)
-  P journal/<state>/<name>    a finished task not yet merged into the lists (state: completed|failed)
+  P locks/<name>              the lease: a small JSON body (owner, token, attempts, lease length), padded to
+                              LEASE_BYTES plus the lease in seconds; or, once the task is finished, its
+                              finished mark (a few bytes: "completed" or "failed") until compact() folds it
+  P compaction.json           held by the one compaction running (a short lease of its own)
   P failed/<name>.json        the failed record: reason and attempts, kept for good
   P manifests/<name>.json     what the task published (keys, sizes, ETags) and how: the mark of a task done
+
+A lock's size tells a listing what it is without reading it: a finished mark, or a lease and its length,
+so that with LastModified and the listing's Date a worker knows which leases ran out.
 
 A task's outputs are the job's business (plugins/module_utils/job.py names them); the protocol publishes
 each with If-None-Match and then the manifest, and only the manifest makes the task done.
@@ -27,14 +32,14 @@ reason - never both, never neither, never twice. Why it holds:
 - claim is PutObject If-None-Match:* on the lock: exactly one writer wins. A lock whose lease
   expired by S3's clock (LastModified against the response Date) is taken over with If-Match
   on its ETag, so only one of several takers wins that too.
-- renew and release use If-Match on the holder's own ETag: a worker that lost its lease learns
-  it at once and can neither extend nor delete the new owner's lock.
-- the outputs and then the manifest are written before the task is journaled, each with
+- renew, release and the finished mark use If-Match on the holder's own ETag: a worker that lost its
+  lease learns it at once and can neither extend nor overwrite the new owner's lock.
+- the outputs and then the manifest are written before the task is marked finished, each with
   If-None-Match:*, so nothing published is ever overwritten; a task whose manifest exists is
   finished, not recomputed, and a task with no manifest is not done (whatever outputs it left).
-- each finish writes one small journal key; compact() folds the journal into the lists in
-  batches with If-Match on every list, re-reading on conflict. The lists cost O(1) writes per
-  batch instead of two full rewrites per task, and once the queue is drained they are exact.
+- finishing a task costs one write, its lock turned into its finished mark; compact() (one at a time)
+  folds the marks into the lists in batches with If-Match on every list, re-reading on conflict, and
+  only then deletes them. Once the queue is drained the lists are exact.
 """
 
 from __future__ import annotations
@@ -60,7 +65,15 @@ TASKLIST = "tasklist.txt"
 COMPLETED = "completed.txt"
 FAILED = "failed.txt"
 REJECTED = "rejected.txt"
+COMPACTION = "compaction.json"
 LIST_NAMES = (TASKLIST, COMPLETED, FAILED, REJECTED)
+RESERVED_NAMES = LIST_NAMES + (COMPACTION,)
+
+# A lease's lock is padded to LEASE_BYTES plus its lease in seconds; a finished mark is one of these bodies.
+LEASE_BYTES = 2048
+MARKS = {"completed": b"completed\n", "failed": b"failed\n"}
+_MARK_OF_SIZE = {len(body): state for state, body in MARKS.items()}
+COMPACTION_SECONDS = 120  # a compaction's turn; one that stopped without giving it back holds it this long
 
 MAX_NAME_BYTES = 200
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -68,6 +81,7 @@ _PRECONDITION = ("PreconditionFailed", "412")
 _CONFLICT = ("ConditionalRequestConflict", "409", "OperationAborted")
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _DENIED = ("AccessDenied", "403")
+_NOT_MODIFIED = ("304", "NotModified")
 _THROTTLED = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "503")
 
 
@@ -125,9 +139,6 @@ class Queue:
     def lock_key(self, name: str) -> str:
         return f"{self.prefix}locks/{name}"
 
-    def journal_key(self, state: str, name: str) -> str:
-        return f"{self.prefix}journal/{state}/{name}"
-
     def failed_key(self, name: str) -> str:
         return f"{self.prefix}failed/{name}.json"
 
@@ -157,19 +168,21 @@ class Lease:
         return {key: getattr(self, key) for key in keys}
 
     def body(self) -> bytes:
-        """The lock's content: small on purpose (conditional writes are atomic for small bodies)."""
-        return json.dumps(
+        """The lock's content, padded with spaces to LEASE_BYTES + lease_seconds so that a listing shows the
+        lease's length (small still: conditional writes are atomic for small bodies)."""
+        text = json.dumps(
             {
-                "owner": self.owner,
-                "token": self.token,
-                "instance_id": self.instance_id,
+                "owner": self.owner[:200],
+                "token": self.token[:64],
+                "instance_id": self.instance_id[:100],
                 "attempts": self.attempts,
                 "lease_seconds": self.lease_seconds,
-                "last_error": self.last_error[:300],
+                "last_error": self.last_error[:200],
                 "written_at": time.time(),
             },
             sort_keys=True,
         ).encode()
+        return text.ljust(LEASE_BYTES + self.lease_seconds)
 
 
 # --- names and lists ------------------------------------------------------------------------------
@@ -189,7 +202,7 @@ def name_problem(name: str) -> str | None:
         return "contains a path separator; task names are plain object names in the queue prefix"
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         return "contains a control character"
-    if name in LIST_NAMES:
+    if name in RESERVED_NAMES:
         return "is the name of a queue list"
     if not _NAME_RE.fullmatch(name):
         return "may hold only letters, digits and . _ + - and must start with a letter or digit"
@@ -300,27 +313,82 @@ def _get(client, bucket: str, key: str) -> tuple[bytes, str, dict] | None:
     return response["Body"].read(), response["ETag"], response
 
 
-def _exists(client, bucket: str, key: str) -> bool:
+def _get_if_changed(client, bucket: str, key: str, etag: str) -> tuple[bytes, str] | None:
+    """(body, etag) of an object unless its ETag is still ``etag`` (None then: S3 answers 304 with no body);
+    (b"", "") when it does not exist."""
     try:
-        client.head_object(Bucket=bucket, Key=key)
+        response = client.get_object(Bucket=bucket, Key=key, **({"IfNoneMatch": etag} if etag else {}))
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _NOT_MODIFIED):
+            return None
+        if _is(error, _MISSING):
+            return b"", ""
+        raise
+    return response["Body"].read(), response["ETag"]
+
+
+def _head(client, bucket: str, key: str) -> dict | None:
+    """HeadObject's answer, or None when the object does not exist."""
+    try:
+        return client.head_object(Bucket=bucket, Key=key)
     except Exception as error:  # noqa: BLE001
         if _is(error, _MISSING):
-            return False
+            return None
         raise
-    return True
 
 
-def _list_keys(client, bucket: str, prefix: str) -> list[str]:
-    keys: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(item["Key"] for item in page.get("Contents", []))
-    return keys
+def _exists(client, bucket: str, key: str) -> bool:
+    return _head(client, bucket, key) is not None
+
+
+def _server_now(response: dict):
+    return parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
 
 
 def _lease_age(response: dict) -> float:
     """Seconds since the lock was last written, by S3's clock (never the worker's)."""
-    server_now = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
-    return (server_now - response["LastModified"]).total_seconds()
+    return (_server_now(response) - response["LastModified"]).total_seconds()
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    """A lock as a listing shows it: its state ("completed" or "failed" for a finished mark, "held" for a
+    lease), its age by S3's clock, the lease's length read from its size, and its ETag."""
+
+    name: str
+    state: str
+    age: float
+    lease_seconds: float | None
+    etag: str
+
+    @property
+    def expired(self) -> bool:
+        """Whether the lease ran out (or its size does not say how long it is: then reading it tells)."""
+        return self.state == "held" and (self.lease_seconds is None or self.age >= self.lease_seconds)
+
+
+def list_locks(client, queue: Queue) -> dict[str, LockEntry]:
+    """Every lock of the queue by task name, from a listing alone (read-only)."""
+    entries = {}
+    prefix = queue.lock_key("")
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=queue.bucket, Prefix=prefix):
+        now = _server_now(page)
+        for item in page.get("Contents", []):
+            size, state = item["Size"], _MARK_OF_SIZE.get(item["Size"], "held")
+            lease = size - LEASE_BYTES if size >= LEASE_BYTES else None
+            age = (now - item["LastModified"]).total_seconds()
+            name = item["Key"][len(prefix) :]
+            entries[name] = LockEntry(name, state, age, lease, item["ETag"])
+    return entries
+
+
+def finished_marks(locks: dict[str, LockEntry]) -> dict[str, set[str]]:
+    """The names of the finished marks among ``locks``, by state."""
+    marks: dict[str, set[str]] = {state: set() for state in MARKS}
+    for entry in locks.values():
+        if entry.state in MARKS:
+            marks[entry.state].add(entry.name)
+    return marks
 
 
 # --- the protocol ---------------------------------------------------------------------------------
@@ -365,7 +433,9 @@ def claim(
 
 
 def _take_over(client, queue: Queue, lease: Lease, body: bytes, etag: str, response: dict) -> None:
-    held = json.loads(body)
+    held = _lock_content(body)
+    if "finished" in held:
+        raise TaskFinished(lease.name, held["finished"])
     if held.get("token") == lease.token:  # our own claim whose reply was lost: refresh it
         lease.etag, lease.attempts = etag, held.get("attempts", 1)
         try:
@@ -394,20 +464,27 @@ def _take_over(client, queue: Queue, lease: Lease, body: bytes, etag: str, respo
 
 
 def _check_unfinished(client, queue: Queue, lease: Lease) -> None:
-    """Under the lock, make sure the task still needs work; a finished one is journaled and let go."""
+    """Under the lock, make sure the task still needs work; a finished one gets its finished mark back."""
     state = finished_state(client, queue, lease.name)
     if state:
-        # Output published or failed record written but maybe never journaled (its worker died
-        # in between): journal it again (idempotent), don't recompute.
-        _put(client, queue.bucket, queue.journal_key(state, lease.name), b"")
-        _delete_lock(client, queue, lease)
+        # Output published or failed record written but maybe never marked (its worker died in between),
+        # or marked and folded already (a snapshot older than the compaction): mark it, don't recompute.
+        _mark(client, queue, lease, state)
         raise TaskFinished(lease.name, state)
 
 
+def _lock_content(body: bytes) -> dict:
+    """A lock's body read: the lease's fields, or {"finished": state} for a finished mark."""
+    for state, mark in MARKS.items():
+        if body == mark:
+            return {"finished": state}
+    return json.loads(body)
+
+
 def read_lock(client, queue: Queue, name: str) -> tuple[dict, str] | None:
-    """The lock's content and ETag, or None when the task is not locked (read-only)."""
+    """The lock's content (see _lock_content) and ETag, or None when the task is not locked (read-only)."""
     found = _get(client, queue.bucket, queue.lock_key(name))
-    return (json.loads(found[0]), found[1]) if found else None
+    return (_lock_content(found[0]), found[1]) if found else None
 
 
 def finished_state(client, queue: Queue, name: str) -> str | None:
@@ -418,6 +495,16 @@ def finished_state(client, queue: Queue, name: str) -> str | None:
     if _exists(client, queue.bucket, queue.failed_key(name)):
         return "failed"
     return None
+
+
+def recorded_completed(client, queue: Queue, name: str) -> bool:
+    """Whether the task is recorded completed: its lock is its completed mark, or it has no lock and
+    completed.txt lists it (read-only)."""
+    lock = read_lock(client, queue, name)
+    if lock is not None:
+        return lock[0].get("finished") == "completed"
+    found = _get(client, queue.bucket, queue.key(COMPLETED))
+    return found is not None and name in parse_tasklist(found[0]).names
 
 
 def read_manifest(client, queue: Queue, name: str) -> dict | None:
@@ -532,12 +619,11 @@ def publish_manifest(client, queue: Queue, lease: Lease, manifest: dict) -> bool
 
 
 def complete(client, queue: Queue, lease: Lease, published: bool = False) -> None:
-    """Mark a task as completed, then let its lock go. Idempotent. Unless the caller has just
+    """Mark a task as completed: its lock becomes its finished mark. Idempotent. Unless the caller has just
     published the manifest itself, its presence is checked first: no manifest, no completion."""
     if not published and not _exists(client, queue.bucket, queue.manifest_key(lease.name)):
         raise QueueError(f"task {lease.name} has no manifest {queue.manifest_key(lease.name)}; publish it first")
-    _put(client, queue.bucket, queue.journal_key("completed", lease.name), b"")
-    _delete_lock(client, queue, lease)
+    _mark(client, queue, lease, "completed")
 
 
 def release(client, queue: Queue, lease: Lease, error: str = "") -> str:
@@ -572,18 +658,28 @@ def _record_failed(client, queue: Queue, lease: Lease, reason: str) -> None:
     renew(client, queue, lease)
     record = {"task": lease.name, "reason": reason, "attempts": lease.attempts, "owner": lease.owner}
     _put(client, queue.bucket, queue.failed_key(lease.name), json.dumps(record, indent=1).encode())
-    _put(client, queue.bucket, queue.journal_key("failed", lease.name), b"")
-    _delete_lock(client, queue, lease)
+    _mark(client, queue, lease, "failed")
+
+
+def _mark(client, queue: Queue, lease: Lease, state: str) -> bool:
+    """Turn the lease's lock into the task's finished mark, only if the lock is still ours: a worker that
+    lost its lease leaves the new owner's lock alone (the new owner finds the task finished and marks it).
+    Returns False when the lock was no longer ours. The lease keeps the lease's ETag: a renewal after this
+    is refused, never turns the mark back into a lease."""
+    with lease.guard:
+        try:
+            _put(client, queue.bucket, queue.lock_key(lease.name), MARKS[state], IfMatch=lease.etag)
+        except Exception as error:  # noqa: BLE001
+            if _is(error, _PRECONDITION + _MISSING):
+                return False
+            raise
+    return True
 
 
 def _delete_lock(client, queue: Queue, lease: Lease) -> bool:
     """Delete the lock only if it is still ours. Returns False when it no longer was."""
-    return _delete_unchanged_lock(client, queue, lease.name, lease.etag)
-
-
-def _delete_unchanged_lock(client, queue: Queue, name: str, etag: str) -> bool:
     try:
-        client.delete_object(Bucket=queue.bucket, Key=queue.lock_key(name), IfMatch=etag)
+        client.delete_object(Bucket=queue.bucket, Key=queue.lock_key(lease.name), IfMatch=lease.etag)
     except Exception as error:  # noqa: BLE001
         if _is(error, _PRECONDITION + _MISSING):
             return False
@@ -594,56 +690,111 @@ def _delete_unchanged_lock(client, queue: Queue, name: str, etag: str) -> bool:
 # --- the lists ------------------------------------------------------------------------------------
 
 
-def _journal(client, queue: Queue) -> dict[str, list[str]]:
-    """Journal keys by state, e.g. {"completed": [key, ...], "failed": [...]}."""
-    entries: dict[str, list[str]] = {"completed": [], "failed": []}
-    for key in _list_keys(client, queue.bucket, f"{queue.prefix}journal/"):
-        state = key[len(queue.prefix) + len("journal/") :].split("/", 1)[0]
-        entries.setdefault(state, []).append(key)
-    return entries
-
-
 def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> dict:
-    """Fold the journal into completed.txt / failed.txt, and drop finished names and lines that
-    are not names (recorded in rejected.txt) from tasklist.txt. Every list write is conditional
-    on the ETag read; on a conflict everything is re-read and re-applied, so concurrent
-    compactions and people editing the tasklist lose nothing. ``force`` (a worker at its end, a
-    person) folds any batch and also lets go of locks left on finished tasks. Returns what moved."""
-    journal = _journal(client, queue)
-    journaled = sum(len(keys) for keys in journal.values())
-    if journaled < min_batch and not force:
-        return {"completed": 0, "failed": 0, "rejected": 0, "conflicts": 0, "locks": 0}
-    finished = {state: {key.rsplit("/", 1)[1] for key in keys} for state, keys in journal.items()}
-    for attempt in range(20):
-        try:
-            moved = _apply_journal(client, queue, finished)
-        except Exception as error:  # noqa: BLE001
-            if not _is(error, _PRECONDITION + _CONFLICT):
-                raise
-            _backoff(attempt)
-            continue
-        done_keys = [key for keys in journal.values() for key in keys]
-        for start in range(0, len(done_keys), 1000):
-            chunk = [{"Key": key} for key in done_keys[start : start + 1000]]
-            client.delete_objects(Bucket=queue.bucket, Delete={"Objects": chunk, "Quiet": True})
-        moved["conflicts"] = attempt
-        moved["locks"] = _let_go_finished_locks(client, queue) if force else 0
+    """Fold the finished marks into completed.txt / failed.txt, and drop finished names and lines that are
+    not names (recorded in rejected.txt) from tasklist.txt; then delete the marks. Every list write is
+    conditional on the ETag read; on a conflict everything is re-read and re-applied, so people editing the
+    tasklist lose nothing. One compaction runs at a time: with another one running this one is skipped
+    ("busy"). ``force`` (a worker at its end, a person) folds any batch, marks the locks left on finished
+    tasks, and waits for a running compaction to end, then folds what that one left. Returns what moved."""
+    moved = {"completed": 0, "failed": 0, "rejected": 0, "conflicts": 0, "locks": 0, "busy": False}
+    locks = list_locks(client, queue)
+    if sum(len(names) for names in finished_marks(locks).values()) < min_batch and not force:
         return moved
+    turn = _compaction_turn(client, queue)
+    if turn is None and not force:
+        return {**moved, "busy": True}
+    while turn is None:
+        _wait_for_turn(client, queue)
+        locks = list_locks(client, queue)
+        if not any(finished_marks(locks).values()) and not any(entry.expired for entry in locks.values()):
+            return moved  # the compaction that ran folded everything there is
+        turn = _compaction_turn(client, queue)
+    try:
+        marks = finished_marks(locks)
+        if force:
+            moved["locks"] = _mark_finished_locks(client, queue, locks, marks)
+        for attempt in range(20):
+            try:
+                moved.update(_fold(client, queue, marks))
+            except Exception as error:  # noqa: BLE001
+                if not _is(error, _PRECONDITION + _CONFLICT):
+                    raise
+                _backoff(attempt)
+                continue
+            # Folded: the marks can go. A mark is final (nothing rewrites it), so it goes unconditionally;
+            # a claim that finds the lock gone finds the task's manifest or failed record instead.
+            folded = [queue.lock_key(name) for names in marks.values() for name in sorted(names)]
+            for first in range(0, len(folded), 1000):
+                chunk = [{"Key": key} for key in folded[first : first + 1000]]
+                client.delete_objects(Bucket=queue.bucket, Delete={"Objects": chunk, "Quiet": True})
+            moved["conflicts"] = attempt
+            return moved
+    finally:
+        _end_turn(client, queue, turn)
     raise QueueError("the lists kept changing under compaction; try again")
 
 
-def _let_go_finished_locks(client, queue: Queue) -> int:
-    """Delete the locks left on finished tasks: their holder stopped between journaling the task and
-    letting go of its lock (killed, or S3 went away), and no claim looks at a finished task again.
-    Each is deleted only if unchanged since read; a holder still finishing finds its lock gone, which
-    it takes in its stride. Returns how many went."""
-    let_go = 0
-    for key in _list_keys(client, queue.bucket, queue.lock_key("")):
-        name = key.rsplit("/", 1)[1]
-        found = _get(client, queue.bucket, key)
-        if found and finished_state(client, queue, name) and _delete_unchanged_lock(client, queue, name, found[1]):
-            let_go += 1
-    return let_go
+def _compaction_turn(client, queue: Queue) -> str | None:
+    """Take the compaction's turn: the ETag of compaction.json written by us, or None while another
+    compaction holds it."""
+    key, body = queue.key(COMPACTION), json.dumps({"started_at": time.time()}).encode()
+    for _attempt in range(3):
+        try:
+            return _put(client, queue.bucket, key, body, IfNoneMatch="*")
+        except Exception as error:  # noqa: BLE001
+            if not _is(error, _PRECONDITION):
+                raise
+        head = _head(client, queue.bucket, key)
+        if head is None:
+            continue  # it just ended: try again
+        if _lease_age(head) < COMPACTION_SECONDS:
+            return None
+        try:  # its compaction stopped without giving the turn back
+            return _put(client, queue.bucket, key, body, IfMatch=head["ETag"])
+        except Exception as error:  # noqa: BLE001
+            if not _is(error, _PRECONDITION + _MISSING):
+                raise
+    return None
+
+
+def _wait_for_turn(client, queue: Queue) -> None:
+    """Wait until the running compaction ends, or its turn runs out (one HEAD a second or so)."""
+    while True:
+        head = _head(client, queue.bucket, queue.key(COMPACTION))
+        if head is None or _lease_age(head) >= COMPACTION_SECONDS:
+            return
+        time.sleep(random.uniform(0.5, 1.5))
+
+
+def _end_turn(client, queue: Queue, etag: str) -> None:
+    try:
+        client.delete_object(Bucket=queue.bucket, Key=queue.key(COMPACTION), IfMatch=etag)
+    except Exception as error:  # noqa: BLE001 - a turn left behind runs out by itself
+        if not _is(error, _PRECONDITION + _MISSING):
+            raise
+
+
+def _mark_finished_locks(client, queue: Queue, locks: dict[str, LockEntry], marks: dict[str, set[str]]) -> int:
+    """Turn the expired locks left on finished tasks into their marks (added to ``marks``): their holder stopped
+    between publishing and marking (killed, or S3 went away), and no claim looks at a finished task again.
+    Each is rewritten only if unchanged since listed; a holder still finishing finds its lock marked, which
+    it takes in its stride. Returns how many."""
+    marked = 0
+    for entry in locks.values():
+        # A live lease's holder marks its task itself; only a lease that ran out may have lost its holder.
+        state = entry.expired and finished_state(client, queue, entry.name)
+        if not state:
+            continue
+        try:
+            _put(client, queue.bucket, queue.lock_key(entry.name), MARKS[state], IfMatch=entry.etag)
+        except Exception as error:  # noqa: BLE001
+            if _is(error, _PRECONDITION + _MISSING):
+                continue
+            raise
+        marks[state].add(entry.name)
+        marked += 1
+    return marked
 
 
 def _read_list(client, queue: Queue, list_name: str) -> tuple[bytes, dict]:
@@ -652,7 +803,7 @@ def _read_list(client, queue: Queue, list_name: str) -> tuple[bytes, dict]:
     return (found[0], {"IfMatch": found[1]}) if found else (b"", {"IfNoneMatch": "*"})
 
 
-def _apply_journal(client, queue: Queue, finished: dict[str, set[str]]) -> dict:
+def _fold(client, queue: Queue, finished: dict[str, set[str]]) -> dict:
     task_raw, task_cond = _read_list(client, queue, TASKLIST)
     tasks = parse_tasklist(task_raw)
     moved = {"completed": 0, "failed": 0, "rejected": len(tasks.rejected)}
@@ -697,14 +848,14 @@ def list_inputs(client, queue: Queue, pattern: str = "*", exclude=()) -> list[st
 
 def add_tasks(client, queue: Queue, names: list[str], check_mode: bool = False) -> list[str]:
     """Append to tasklist.txt the names it does not list and that are not finished (completed or
-    failed, folded or journaled), with If-Match on the list as every list edit. Returns the names
+    failed, folded or marked), with If-Match on the list as every list edit. Returns the names
     added (in check mode: that would be)."""
     for attempt in range(20):
         raw, condition = _read_list(client, queue, TASKLIST)
         known = set(parse_tasklist(raw).names)
         for list_name in (COMPLETED, FAILED):
             known |= set(parse_tasklist(_read_list(client, queue, list_name)[0]).names)
-        known |= {key.rsplit("/", 1)[1] for keys in _journal(client, queue).values() for key in keys}
+        known |= set().union(*finished_marks(list_locks(client, queue)).values())
         new = [name for name in dict.fromkeys(names) if name not in known]
         if not new or check_mode:
             return new
@@ -725,22 +876,23 @@ def add_tasks(client, queue: Queue, names: list[str], check_mode: bool = False) 
 
 def queue_status(client, queue: Queue) -> dict:
     """The queue as a person wants to see it: counts, who holds what and for how long."""
+    locks = list_locks(client, queue)  # before the lists: a mark folded meanwhile is in them then
+    marks = finished_marks(locks)
     tasks = read_tasklist(client, queue)
-    journal = {state: {key.rsplit("/", 1)[1] for key in keys} for state, keys in _journal(client, queue).items()}
     listed = {}
     for state, list_name in (("completed", COMPLETED), ("failed", FAILED)):
         found = _get(client, queue.bucket, queue.key(list_name))
-        listed[state] = set(parse_tasklist(found[0] if found else b"").names) | journal.get(state, set())
+        listed[state] = set(parse_tasklist(found[0] if found else b"").names) | marks[state]
     claimed = []
-    for key in _list_keys(client, queue.bucket, f"{queue.prefix}locks/"):
-        found = _get(client, queue.bucket, key)
-        if found is None:
+    for entry in locks.values():
+        found = entry.state == "held" and _get(client, queue.bucket, queue.lock_key(entry.name))
+        if not found or "finished" in _lock_content(found[0]):
             continue
         held = json.loads(found[0])
         age = _lease_age(found[2])
         claimed.append(
             {
-                "task": key.rsplit("/", 1)[1],
+                "task": entry.name,
                 "owner": held.get("owner", ""),
                 "instance_id": held.get("instance_id", ""),
                 "attempts": held.get("attempts", 0),
@@ -760,7 +912,7 @@ def queue_status(client, queue: Queue) -> dict:
         "failed": len(listed["failed"]),
         "failed_tasks": sorted(listed["failed"]),
         "rejected": [{"line": line, "reason": reason} for line, reason in tasks.rejected],
-        "journaled": sum(len(names) for names in journal.values()),
+        "unfolded": sum(len(names) for names in marks.values()),
         "drained": not pending and not claimed,
     }
 
@@ -800,10 +952,11 @@ class TaskPicker:
     Every worker walks the same snapshot in order from a random start and, whenever it runs into
     a task someone else holds or finished, jumps to a random unvisited place: workers soon work
     apart, each in its own stretch, and rarely touch the same task. Busy tasks are retried (with
-    lease takeover) only when nothing else is left, after a pause and a fresh look. The snapshot
-    leaves out locked tasks (put aside as busy) and is re-read after two misses in a row or once
-    misses pass an eighth of the hits, so the requests per task stay flat whatever the number of
-    workers."""
+    lease takeover) only when nothing else is left, and only those whose lease the listing shows run
+    out, so idle workers at the end of the queue do not knock on live leases. The snapshot leaves out
+    locked tasks (put aside as busy) and is re-read after two misses in a row or once misses pass an
+    eighth of the hits, so the requests per task stay flat whatever the number of workers; the tasklist
+    is read again only when its ETag changed (304 otherwise, no body)."""
 
     REFRESH_STREAK = 2  # misses in a row that make the snapshot stale
     REFRESH_MISS_RATIO = 8  # ... or misses above hits / 8 since the last refresh
@@ -818,22 +971,25 @@ class TaskPicker:
         self._left = self._position = 0
         self._jump = True
         self._busy: list[str] = []
+        self._locks: dict[str, LockEntry] = {}
+        self._tasks, self._tasklist_etag = TaskList([], [], []), ""
         self._tokens: dict[str, str] = {}  # a retried claim of a name reuses its token (lost replies)
         self._hits = self._misses = self._streak = 0
         self._fresh = False
 
     def _refresh(self) -> None:
-        # Locks, then journal, then tasklist: a task is journaled before its lock goes, and a
-        # compaction takes names out of the journal and the tasklist together, so a task that was
-        # locked or finished when the locks were listed never looks free in this snapshot.
-        locked = {key.rsplit("/", 1)[1] for key in _list_keys(self.client, self.queue.bucket, self.queue.lock_key(""))}
-        journal = _journal(self.client, self.queue)
-        tasks = read_tasklist(self.client, self.queue)
-        self.rejected = tasks.rejected
-        self.finished |= {key.rsplit("/", 1)[1] for keys in journal.values() for key in keys}
-        pending = [name for name in tasks.names if name not in self.finished]
-        self._order = [name for name in pending if name not in locked]
-        self._busy = [name for name in pending if name in locked]
+        # Locks, then tasklist: a finished task keeps its lock (as its mark) until a compaction has taken
+        # it out of the tasklist, so a task that was locked or finished when the locks were listed never
+        # looks free in this snapshot.
+        self._locks = list_locks(self.client, self.queue)
+        changed = _get_if_changed(self.client, self.queue.bucket, self.queue.key(TASKLIST), self._tasklist_etag)
+        if changed is not None:
+            self._tasks, self._tasklist_etag = parse_tasklist(changed[0]), changed[1]
+        self.rejected = self._tasks.rejected
+        self.finished |= set().union(*finished_marks(self._locks).values())
+        pending = [name for name in self._tasks.names if name not in self.finished]
+        self._order = [name for name in pending if name not in self._locks]
+        self._busy = [name for name in pending if name in self._locks]
         self._visited = bytearray(len(self._order))
         self._left, self._jump = len(self._order), True
         self._hits = self._misses = self._streak = 0
@@ -902,15 +1058,24 @@ class TaskPicker:
                 # Nothing free now and nothing worth waiting for: a later call looks afresh first.
                 self._fresh = False
                 return None
-            # Only tasks held by others remain: wait for them to finish or for a lease to expire,
-            # then look again, and try to take over only the tasks still locked.
-            time.sleep(self.poll_seconds)
-            self._refresh()
-            if self._left:
-                continue
-            busy, self._busy = self._busy, []
-            for name in busy:
+            # Only tasks held by others remain: take over those whose lease ran out; when none has, wait
+            # for them to finish or run out, then look again.
+            due = self._expired_busy()
+            if not due:
+                time.sleep(self.poll_seconds)
+                self._refresh()
+                if self._left:
+                    continue
+                due = self._expired_busy()
+            for name in due:
                 lease = None if stopped() else self._try(name, take_over=True)
                 if lease:
                     return lease
+            self._fresh = False  # the listing that showed them expired is out of date now
         return None
+
+    def _expired_busy(self) -> list[str]:
+        """The busy tasks whose lease the last listing showed run out, taken out of the busy ones."""
+        due = [name for name in self._busy if name in self._locks and self._locks[name].expired]
+        self._busy = [name for name in self._busy if name not in set(due)]
+        return due

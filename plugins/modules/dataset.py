@@ -81,7 +81,7 @@ options:
       - Replace objects of the data set that exist with other content. When V(false) the module fails instead,
         naming those keys.
       - V(true) also rewrites the two lists as the data set has them, which puts every task back in the queue;
-        outputs, locks and journal entries of the pipeline are not removed.
+        outputs and locks of the pipeline are not removed.
     default: false
     type: bool
 extends_documentation_fragment:

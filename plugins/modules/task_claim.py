@@ -70,7 +70,7 @@ attributes:
       - Each run takes a lease. Without O(name) a second run claims the next task; with O(name) it is refused
         while the first lease is live, unless O(token) is the first claim's token.
 notes:
-  - Without O(name) the module reads C(tasklist.txt), the finished lists, the journal and every lock once, then
+  - Without O(name) the module reads C(tasklist.txt), the finished lists and every lock once, then
     tries the candidates in order; the boot worker uses a cheaper randomised picker instead.
 seealso:
   - module: cicc.cloud.task_complete
@@ -242,7 +242,7 @@ def claim_named(client, module, queue):
         module.exit_json(changed=True, claimed=True, task=detail)
     if outcome == "held":
         module.exit_json(changed=False, claimed=False, task={}, reason=detail)
-    # Finding it finished takes the lock and lets it go, journaling a found output on the way.
+    # Finding it finished takes the lock and leaves it as the task's finished mark.
     module.exit_json(changed=True, claimed=False, task={}, state=detail, reason=f"task {name} is already {detail}")
 
 
@@ -260,7 +260,7 @@ def claim_next(client, module, queue):
         if outcome == "held":
             busy.append(name)
         else:
-            wrote = True  # the claim journals a found output, or records a task out of attempts
+            wrote = True  # the claim marks a found output, or records a task out of attempts
     if busy:
         reason = f"every pending task is under a live lease: {', '.join(busy)}"
     else:

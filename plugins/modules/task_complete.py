@@ -14,14 +14,14 @@ module: task_complete
 version_added: 0.1.0
 short_description: Mark a claimed task of the cicc.cloud S3 work queue completed
 description:
-  - Records a task claimed with M(cicc.cloud.task_claim) as completed (a journal entry that
-    M(cicc.cloud.task_info) with O(cicc.cloud.task_info#module:compact=true) or the workers fold into
-    C(completed.txt)), then deletes its lock if the lease is still the one O(etag) names.
+  - Records a task claimed with M(cicc.cloud.task_claim) as completed, if the lease is still the one O(etag)
+    names: its lock becomes the task's finished mark, which M(cicc.cloud.task_info) with
+    O(cicc.cloud.task_info#module:compact=true) or the workers fold into C(completed.txt).
   - A task is done when its manifest (C(manifests/<name>.json) under the prefix) exists; the boot worker writes it
     once it has published the task's outputs. Give O(outputs) for a task whose outputs were published by other means;
     each must exist in the bucket, and the module writes the manifest listing them (key, size, ETag). Without a
     manifest or existing outputs the module fails and nothing is written.
-  - Completing a task that is already recorded completed and whose lock is gone changes nothing.
+  - Completing a task that is already recorded completed (marked, or listed in C(completed.txt)) changes nothing.
   - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
     adapts it.
   - O(lease_seconds) and O(max_attempts) are the ones given to M(cicc.cloud.task_claim).
@@ -96,7 +96,6 @@ task:
       sample: [out3.dat]
 """
 
-from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
@@ -105,26 +104,6 @@ from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEU
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import lease_from_params
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
-
-_MISSING = ["404", "NoSuchKey", "NotFound"]
-
-
-def already_completed(client, queue, name):
-    """Recorded completed (in the journal or in completed.txt) with its lock gone: nothing left to do.
-
-    task_queue has no public read of the journal or of completed.txt, hence the two reads of them here."""
-    if task_queue.read_lock(client, queue, name) is not None:
-        return False
-    try:
-        client.head_object(Bucket=queue.bucket, Key=queue.journal_key("completed", name))
-        return True
-    except is_boto3_error_code(_MISSING):
-        pass
-    try:
-        listed = client.get_object(Bucket=queue.bucket, Key=queue.key(task_queue.COMPLETED))["Body"].read()
-    except is_boto3_error_code(_MISSING):
-        return False
-    return name in task_queue.parse_tasklist(listed).names
 
 
 def main():
@@ -148,7 +127,7 @@ def main():
             files = task_queue.describe_outputs(client, queue, [queue.key(key) for key in module.params["outputs"]])
             manifest = {"files": files, "owner": lease.owner}
         task["outputs"] = [entry["key"] for entry in manifest.get("files", [])]
-        if already_completed(client, queue, lease.name):
+        if task_queue.recorded_completed(client, queue, lease.name):
             module.exit_json(changed=False, task=task)
         if not module.check_mode:
             if not written:

@@ -14,11 +14,11 @@ module: task_info
 version_added: 0.1.0
 short_description: Show the state of the cicc.cloud S3 work queue
 description:
-  - Reads the work queue kept under O(prefix) in O(bucket) - C(tasklist.txt), the lists of finished tasks, the
-    journal of tasks finished since the last compaction and the locks - and returns its state as RV(queue) -
+  - Reads the work queue kept under O(prefix) in O(bucket) - C(tasklist.txt), the lists of finished tasks and the
+    locks (a finished task's lock is its finished mark until a compaction folds it) - and returns its state as RV(queue) -
     what is pending, who holds what and for how long, what is completed or failed.
-  - Finished tasks are counted as soon as they are journaled, so the counts are exact at any time.
-  - With O(compact=true) the journal is first folded into C(completed.txt) and C(failed.txt), finished names and
+  - Finished tasks are counted as soon as they are marked, so the counts are exact at any time.
+  - With O(compact=true) the finished marks are first folded into C(completed.txt) and C(failed.txt), finished names and
     lines that are not task names are taken out of C(tasklist.txt) (the latter recorded in C(rejected.txt)), as the
     workers do when the queue is drained. Only then does the module write.
   - The protocol is the one the boot worker runs (C(plugins/module_utils/task_queue.py)); this module only
@@ -30,7 +30,8 @@ author:
 options:
   compact:
     description:
-      - Fold the journal into the lists before reading the queue. This writes to the bucket (not in check mode).
+      - Fold the finished marks into the lists before reading the queue (waiting for a compaction a worker is
+        running to end first). This writes to the bucket (not in check mode).
     default: false
     type: bool
   check_outputs:
@@ -63,7 +64,7 @@ EXAMPLES = r"""
     bucket: cicc-demo-bucket
   register: status
 
-- name: Fold the journal into the lists, then show the queue
+- name: Fold the finished tasks into the lists, then show the queue
   cicc.cloud.task_info:
     bucket: cicc-demo-bucket
     compact: true
@@ -174,8 +175,8 @@ queue:
           type: str
           returned: always
           sample: contains a path separator; task names are plain object names in the queue prefix
-    journaled:
-      description: Number of finished tasks not yet folded into the lists.
+    unfolded:
+      description: Number of finished tasks not yet folded into the lists (their locks are their finished marks).
       type: int
       returned: always
       sample: 0
@@ -242,11 +243,11 @@ from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queu
 
 
 def compact(client, queue, status):
-    """Fold the journal; returns (changed, what moved). Any journal entry or rejected line means a write: the
-    entry is deleted once folded, the line moved out of the tasklist; so does a lock let go of."""
+    """Fold the finished marks; returns (changed, what moved). Any mark or rejected line means a write: the
+    mark is deleted once folded, the line moved out of the tasklist; so does a lock let go of."""
     moved = task_queue.compact(client, queue, force=True)
     counts = {state: moved[state] for state in ("completed", "failed", "rejected", "locks")}
-    return bool(status["journaled"] or status["rejected"] or any(counts.values())), counts
+    return bool(status["unfolded"] or status["rejected"] or any(counts.values())), counts
 
 
 def main():
@@ -264,7 +265,7 @@ def main():
     with queue_errors(module, queue, "read the queue"):
         status = task_queue.queue_status(client, queue)
         if params["compact"] and module.check_mode:
-            result["changed"] = bool(status["journaled"] or status["rejected"])
+            result["changed"] = bool(status["unfolded"] or status["rejected"])
         elif params["compact"]:
             result["changed"], result["compacted"] = compact(client, queue, status)
             if result["changed"]:

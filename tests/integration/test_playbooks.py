@@ -769,8 +769,8 @@ def test_worker_policy_allows_the_workers_job_and_nothing_else(enforcing_emulato
     ami = admin["ec2"].describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     stranger = admin["ec2"].run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
 
-    # The worker's job: claim (conditional put), read, renew (If-Match), list, release (conditional delete),
-    # tidy up (DeleteObjects), upload its log.
+    # The worker's job: claim (conditional put), read, renew (If-Match), list, mark finished (If-Match), take
+    # the compaction's turn and give it back (conditional delete), tidy up (DeleteObjects), upload its log.
     lock = f"{prefix}locks/in3.dat"
     claimed = s3.put_object(Bucket=bucket, Key=lock, Body=b'{"owner": "w1"}', IfNoneMatch="*")
     with pytest.raises(ClientError, match="PreconditionFailed"):
@@ -785,9 +785,10 @@ def test_worker_policy_allows_the_workers_job_and_nothing_else(enforcing_emulato
         item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
     }
     s3.put_object(Bucket=bucket, Key=f"{prefix}out3.dat", Body=b"result")
-    s3.delete_object(Bucket=bucket, Key=lock, IfMatch=renewed["ETag"])
-    s3.put_object(Bucket=bucket, Key=f"{prefix}journal/done/in3.dat", Body=b"")
-    s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": f"{prefix}journal/done/in3.dat"}], "Quiet": True})
+    s3.put_object(Bucket=bucket, Key=lock, Body=b"completed\n", IfMatch=renewed["ETag"])  # the finished mark
+    turn = s3.put_object(Bucket=bucket, Key=f"{prefix}compaction.json", Body=b"{}", IfNoneMatch="*")["ETag"]
+    s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": lock}], "Quiet": True})
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}compaction.json", IfMatch=turn)
     s3.upload_fileobj(io.BytesIO(b"worker log\n"), bucket, f"{prefix}logs/i-0123456789abcdef0/log.txt")
 
     # Outside its prefix, in another bucket, on the bucket itself, in IAM and in EC2 beyond terminating a

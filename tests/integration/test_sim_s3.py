@@ -5,6 +5,7 @@ run against both, and each answer reduced to what the protocol reads of it."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
@@ -62,6 +63,7 @@ def conditional_writes(client, bucket: str) -> list:
         lambda: put(Bucket=bucket, Key="locks/a", Body=b"two", IfMatch=first),
         lambda: put(Bucket=bucket, Key="locks/b", Body=b"new", IfNoneMatch="*"),
         lambda: client.get_object(Bucket=bucket, Key="locks/a"),
+        lambda: client.get_object(Bucket=bucket, Key="locks/a", IfNoneMatch=first),  # changed since: the body
         lambda: client.head_object(Bucket=bucket, Key="locks/a"),
         lambda: client.head_object(Bucket=bucket, Key="locks/missing"),
         lambda: client.get_object(Bucket=bucket, Key="locks/missing"),
@@ -70,6 +72,9 @@ def conditional_writes(client, bucket: str) -> list:
         lambda: client.delete_object(Bucket=bucket, Key="locks/missing"),
         lambda: client.delete_object(Bucket=bucket, Key="locks/b", IfMatch='"2e7d2c03a9507ae265ecf5b5356885a5"'),
         lambda: client.get_object(Bucket=bucket, Key="locks/b"),
+        lambda: client.get_object(
+            Bucket=bucket, Key="locks/b", IfNoneMatch=f'"{hashlib.md5(b"new").hexdigest()}"'
+        ),  # 304, no body
         lambda: client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "locks/b"}], "Quiet": True}),
         lambda: client.head_object(Bucket=bucket, Key="locks/b"),
     ]

@@ -118,17 +118,17 @@ def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, s3_end
         "manifest": "manifests/in0.dat.json",
         "outputs": ["out0.dat"],
     }
-    assert _keys(s3, queue_bucket, "locks/") == []
+    assert _body(s3, queue_bucket, "locks/in0.dat") == tq.MARKS["completed"]  # the lock is its finished mark
 
     info = ok("task_info", bucket=queue_bucket, compact=True)
     assert info["changed"] and info["compacted"] == {"completed": 1, "failed": 0, "rejected": 0, "locks": 0}
     queue = info["queue"]
     assert queue["pending_tasks"] == ["in1.dat", "in2.dat"] and queue["pending"] == 2
-    assert (queue["completed"], queue["failed"], queue["claimed"], queue["journaled"]) == (1, 0, 0, 0)
+    assert (queue["completed"], queue["failed"], queue["claimed"], queue["unfolded"]) == (1, 0, 0, 0)
     assert not queue["drained"]
     assert _body(s3, queue_bucket, tq.COMPLETED) == b"in0.dat\n"
     assert _body(s3, queue_bucket, tq.TASKLIST) == b"in1.dat\nin2.dat\n"
-    assert _keys(s3, queue_bucket, "journal/") == []
+    assert _keys(s3, queue_bucket, "locks/") == []
 
     again = ok("task_info", bucket=queue_bucket, compact=True)
     assert not again["changed"] and again["queue"] == queue
@@ -158,7 +158,7 @@ def test_task_held_by_another_owner_is_not_claimed(s3, queue_bucket):
 def test_check_mode_writes_nothing(s3, queue_bucket):
     done = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
     _publish(s3, queue_bucket, done["name"])
-    ok("task_complete", bucket=queue_bucket, **_complete_args(done))  # in0.dat journaled, not compacted
+    ok("task_complete", bucket=queue_bucket, **_complete_args(done))  # in0.dat marked, not compacted
     held = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
     assert held["name"] == "in1.dat"
     before = _snapshot(s3, queue_bucket)
@@ -181,7 +181,7 @@ def test_check_mode_writes_nothing(s3, queue_bucket):
     assert would_fail["changed"] and would_fail["task"]["state"] == "failed"
 
     info = ok("task_info", check=True, bucket=queue_bucket, compact=True)
-    assert info["changed"] and "compacted" not in info and info["queue"]["journaled"] == 1
+    assert info["changed"] and "compacted" not in info and info["queue"]["unfolded"] == 1
 
     assert _snapshot(s3, queue_bucket) == before
 
@@ -205,14 +205,14 @@ def test_release_with_error_counts_attempts_until_failed(s3, queue_bucket):
     assert failed["changed"] and failed["task"] == {"name": "in0.dat", "state": "failed"}
     record = json.loads(_body(s3, queue_bucket, "failed/in0.dat.json"))
     assert record["attempts"] == 2 and "exit status 2" in record["reason"] and record["owner"] == "w2"
-    assert _keys(s3, queue_bucket, "locks/") == []
+    assert _body(s3, queue_bucket, "locks/in0.dat") == tq.MARKS["failed"]
     rerun = ok("task_release", error="exit status 2", **common, **_lease_args(second))
     assert not rerun["changed"] and rerun["task"]["state"] == "failed"
 
     queue = ok("task_info", compact=True, **common)["queue"]
     assert queue["failed_tasks"] == ["in0.dat"] and queue["failed"] == 1
     assert queue["pending_tasks"] == ["in1.dat", "in2.dat"]
-    assert _body(s3, queue_bucket, tq.FAILED) == b"in0.dat\n"
+    assert _body(s3, queue_bucket, tq.FAILED) == b"in0.dat\n" and _keys(s3, queue_bucket, "locks/") == []
     refused = ok("task_claim", name="in0.dat", owner="w3", **common)
     assert not refused["claimed"] and refused["state"] == "failed"
 
@@ -239,7 +239,7 @@ def test_state_failed_records_the_reason(s3, queue_bucket):
     record = json.loads(_body(s3, queue_bucket, "failed/in2.dat.json"))
     assert (record["reason"], record["attempts"]) == ("input is empty", 1)
     queue = ok("task_info", bucket=queue_bucket)["queue"]
-    assert queue["failed_tasks"] == ["in2.dat"] and queue["journaled"] == 1 and queue["claimed"] == 0
+    assert queue["failed_tasks"] == ["in2.dat"] and queue["unfolded"] == 1 and queue["claimed"] == 0
 
 
 def test_complete_without_output_fails_clearly(s3, queue_bucket):
@@ -248,21 +248,22 @@ def test_complete_without_output_fails_clearly(s3, queue_bucket):
     assert result["failed"] and result["msg"] == f"output s3://{queue_bucket}/out0.dat does not exist; publish it first"
     result = run_module("task_complete", bucket=queue_bucket, **_lease_args(task))
     assert result["failed"] and result["msg"] == "task in0.dat has no manifest: name its outputs (outputs) to write one"
-    assert _keys(s3, queue_bucket, "journal/") == [] and _keys(s3, queue_bucket, "locks/") == ["locks/in0.dat"]
+    assert _keys(s3, queue_bucket, "locks/") == ["locks/in0.dat"]
+    assert json.loads(_body(s3, queue_bucket, "locks/in0.dat"))["owner"] == "w1"  # still the lease, not a mark
 
 
 def test_complete_twice_changes_nothing_the_second_time(s3, queue_bucket):
     task = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
     _publish(s3, queue_bucket, task["name"])
     assert ok("task_complete", bucket=queue_bucket, **_complete_args(task))["changed"]
-    journal = _snapshot(s3, queue_bucket)
+    marked = _snapshot(s3, queue_bucket)
     second = ok("task_complete", bucket=queue_bucket, **_complete_args(task))
     assert not second["changed"] and second["task"]["state"] == "completed"
-    assert _snapshot(s3, queue_bucket) == journal
+    assert _snapshot(s3, queue_bucket) == marked
 
-    ok("task_info", bucket=queue_bucket, compact=True)  # the journal entry is folded into completed.txt
+    ok("task_info", bucket=queue_bucket, compact=True)  # the mark is folded into completed.txt
     third = ok("task_complete", bucket=queue_bucket, **_complete_args(task))
-    assert not third["changed"] and _keys(s3, queue_bucket, "journal/") == []
+    assert not third["changed"] and _keys(s3, queue_bucket, "locks/") == []
 
 
 def test_token_finds_a_claim_whose_reply_was_lost(s3, queue_bucket):
@@ -288,7 +289,7 @@ def test_token_finds_a_claim_whose_reply_was_lost(s3, queue_bucket):
 
     _publish(s3, queue_bucket, "in1.dat")
     assert ok("task_complete", bucket=queue_bucket, **_complete_args(again))["changed"]
-    assert _keys(s3, queue_bucket, "locks/") == []
+    assert _body(s3, queue_bucket, "locks/in1.dat") == tq.MARKS["completed"]
 
 
 def test_prefix_and_bad_names(s3, bucket):

@@ -73,7 +73,7 @@ def _assert_drained(s3, bucket: str, done: list[str]) -> None:
     assert _body(s3, bucket, "tasklist.txt").strip() == b""
     completed = _body(s3, bucket, "completed.txt").decode().splitlines()
     assert sorted(completed) == sorted(done) and len(set(completed)) == len(completed)
-    assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "journal/") == []
+    assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "compaction.json") == []
 
 
 @pytest.fixture(scope="module")

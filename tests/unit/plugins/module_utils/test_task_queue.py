@@ -3,6 +3,7 @@ the answers it relies on from S3."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -109,12 +110,13 @@ def test_claim_complete_and_compact_keep_lists_exact(s3, queue, tmp_path):
     assert tq.read_manifest(s3, queue, "in1.dat")["files"][0]["key"] == "out1.dat"
     tq.complete(s3, queue, lease)
     tq.complete(s3, queue, lease)  # idempotent
-    assert _keys(s3, queue.bucket, "locks/") == []
+    assert _body(s3, queue.bucket, queue.lock_key("in1.dat")) == tq.MARKS["completed"]  # the lock is its mark
+    assert tq.queue_status(s3, queue)["completed_tasks"] == ["in1.dat"]  # counted before it is folded
     moved = tq.compact(s3, queue)
     assert moved["completed"] == 1
     assert _body(s3, queue.bucket, "tasklist.txt") == b"in2.dat\n"
     assert _body(s3, queue.bucket, "completed.txt") == b"in1.dat\n"
-    assert _keys(s3, queue.bucket, "journal/") == []
+    assert _keys(s3, queue.bucket, "locks/") == [] and _keys(s3, queue.bucket, tq.COMPACTION) == []
     status = tq.queue_status(s3, queue)
     assert (status["pending"], status["completed"], status["claimed"]) == (1, 1, 0)
 
@@ -165,7 +167,7 @@ def test_row3_output_uploaded_then_worker_died(s3, bucket, tmp_path):
     with pytest.raises(tq.TaskFinished) as finished:
         tq.claim(s3, queue, "in1.dat", "next")
     assert finished.value.state == "completed"
-    assert _keys(s3, queue.bucket, "locks/") == []
+    assert _body(s3, queue.bucket, queue.lock_key("in1.dat")) == tq.MARKS["completed"]
     tq.compact(s3, queue)
     tq.compact(s3, queue, force=True)
     assert _body(s3, queue.bucket, "completed.txt") == b"in1.dat\n"  # once
@@ -173,14 +175,15 @@ def test_row3_output_uploaded_then_worker_died(s3, bucket, tmp_path):
 
 
 def test_a_lock_left_on_a_finished_task_goes_at_the_forced_compaction(s3, queue, tmp_path):
-    """A worker stopped between recording its task done and deleting its lock (killed, or S3 went away): no
-    claim looks at a finished task again, so the forced compaction (a worker's last, a person's) lets the
-    lock go; a compaction in passing leaves it, and the lock of a task in progress is never touched."""
+    """A worker stopped between publishing its manifest and marking its task (killed, or S3 went away): no
+    claim need look at that task again, so once its lease has run out the forced compaction (a worker's
+    last, a person's) marks and folds it; a compaction in passing leaves it, and the lock of a task in
+    progress is never touched."""
     _seed(s3, queue, ["in1.dat", "in2.dat"])
-    stopped = tq.claim(s3, queue, "in1.dat", "stopped")
-    assert _publish(s3, queue, stopped, b"result", tmp_path)
-    s3.put_object(Bucket=queue.bucket, Key=queue.journal_key("completed", "in1.dat"), Body=b"")  # then it stopped
+    stopped = tq.claim(s3, dataclasses.replace(queue, lease_seconds=1), "in1.dat", "stopped")
+    assert _publish(s3, queue, stopped, b"result", tmp_path)  # then it stopped
     working = tq.claim(s3, queue, "in2.dat", "working")
+    time.sleep(2.2)  # the stopped worker's lease runs out by S3's clock
     assert tq.compact(s3, queue)["locks"] == 0 and len(_keys(s3, queue.bucket, "locks/")) == 2
     assert tq.compact(s3, queue, force=True)["locks"] == 1
     assert _keys(s3, queue.bucket, "locks/") == ["locks/in2.dat"]
@@ -295,7 +298,7 @@ def test_row7_concurrent_compactions_and_edits_lose_nothing(s3_endpoint, s3, que
     names = [f"in{i}.dat" for i in range(60)]
     _seed(s3, queue, names)
     for name in names:
-        s3.put_object(Bucket=queue.bucket, Key=queue.journal_key("completed", name), Body=b"")
+        s3.put_object(Bucket=queue.bucket, Key=queue.lock_key(name), Body=tq.MARKS["completed"])
     added = [f"new{i}.dat" for i in range(5)]
 
     def compact_now() -> None:
@@ -323,7 +326,7 @@ def test_row7_concurrent_compactions_and_edits_lose_nothing(s3_endpoint, s3, que
     completed = _body(s3, queue.bucket, "completed.txt").decode().splitlines()
     assert sorted(completed) == sorted(names)  # each exactly once
     assert sorted(_body(s3, queue.bucket, "tasklist.txt").decode().splitlines()) == sorted(added)
-    assert _keys(s3, queue.bucket, "journal/") == []
+    assert _keys(s3, queue.bucket, "locks/") == []
 
 
 def test_status_shows_owners_and_lease_ages(s3, queue):
@@ -334,6 +337,47 @@ def test_status_shows_owners_and_lease_ages(s3, queue):
     claim = status["claims"][0]
     assert (claim["task"], claim["owner"], claim["instance_id"], claim["expired"]) == ("in1.dat", "w1", "i-123", False)
     assert 0 <= claim["lease_age_seconds"] < 30
+
+
+def test_a_listing_tells_finished_marks_and_when_leases_run_out(s3, queue, tmp_path):
+    """Without reading a lock: its size says whether it is a finished mark or a lease and how long the lease
+    is; its LastModified against the listing's Date, how old. A lease given back has run out at once."""
+    _seed(s3, queue, ["in1.dat", "in2.dat", "in3.dat"])
+    held = tq.claim(s3, queue, "in1.dat", "w1")
+    given_back = tq.claim(s3, queue, "in2.dat", "w2")
+    assert tq.release(s3, queue, given_back, "exit code 1") == "pending"
+    done = tq.claim(s3, queue, "in3.dat", "w3")
+    assert _publish(s3, queue, done, b"result", tmp_path)
+    tq.complete(s3, queue, done)
+    locks = tq.list_locks(s3, queue)
+    assert {name: (entry.state, entry.lease_seconds) for name, entry in locks.items()} == {
+        "in1.dat": ("held", queue.lease_seconds),
+        "in2.dat": ("held", 0),
+        "in3.dat": ("completed", None),
+    }
+    assert [name for name, entry in locks.items() if entry.expired] == ["in2.dat"]
+    assert 0 <= locks["in1.dat"].age < queue.lease_seconds
+    assert tq.finished_marks(locks) == {"completed": {"in3.dat"}, "failed": set()}
+    tq.renew(s3, queue, held)
+
+
+def test_one_compaction_at_a_time(s3, queue, tmp_path):
+    """While another compaction holds its turn, a compaction in passing is skipped and a forced one waits
+    for the turn to end, then folds what is left; a turn whose compaction stopped runs out."""
+    _seed(s3, queue, ["in1.dat"])
+    lease = tq.claim(s3, queue, "in1.dat", "w1")
+    assert _publish(s3, queue, lease, b"result", tmp_path)
+    tq.complete(s3, queue, lease)
+    other = s3.put_object(Bucket=queue.bucket, Key=tq.COMPACTION, Body=b"{}", IfNoneMatch="*")["ETag"]
+    assert tq.compact(s3, queue)["busy"] and _body(s3, queue.bucket, "tasklist.txt") == b"in1.dat\n"
+    ended = threading.Timer(1.5, lambda: s3.delete_object(Bucket=queue.bucket, Key=tq.COMPACTION, IfMatch=other))
+    ended.start()
+    started = time.monotonic()
+    moved = tq.compact(s3, queue, force=True)
+    ended.join()
+    assert moved["completed"] == 1 and time.monotonic() - started >= 1.4
+    assert _body(s3, queue.bucket, "completed.txt") == b"in1.dat\n" and _keys(s3, queue.bucket, "locks/") == []
+    assert _keys(s3, queue.bucket, tq.COMPACTION) == []
 
 
 # --- what the protocol asks of S3 -----------------------------------------------------------------
