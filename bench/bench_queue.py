@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import LIST_FILES, REGION, OwnMoto, key_class, link_collection, load_by_path, load_worker, xor_job
+from common import REGION, OwnMoto, key_class, link_collection, load_by_path, load_worker, xor_job
 
 TQ_MODULE = "ansible_collections.cicc.cloud.plugins.module_utils.task_queue"
 INPUT_BYTES = 16
@@ -133,7 +133,7 @@ class Meter:
                 self.by_class[(op, "batch")] += 1
             else:
                 self.by_class[(op, key_class(key))] += 1
-            if op == "PutObject" and key in LIST_FILES:
+            if op == "PutObject" and key_class(key) == "list":
                 self.list_bytes["written"] += size
                 self.list_bytes_by_file[(key, "written")] += size
 
@@ -155,7 +155,7 @@ class Meter:
         with self.lock:
             self.status[(op, status)] += 1
             self.bytes_in[op] += size
-            if op == "GetObject" and key in LIST_FILES and status == 200:
+            if op == "GetObject" and key_class(key) == "list" and status in (200, 206):  # 206: a Range read
                 self.list_bytes["read"] += size
                 self.list_bytes_by_file[(key, "read")] += size
             if op == "ListObjectsV2":

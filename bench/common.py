@@ -36,7 +36,7 @@ LIST_FILES = ("tasklist.txt", "completed.txt", "failed.txt", "rejected.txt")
 
 
 def key_class(key: str) -> str:
-    if key in LIST_FILES:
+    if key in LIST_FILES or key.startswith("folded/"):  # the lists, and what compactions folded for them
         return "list"
     if key == "kernel.dat":
         return "kernel"

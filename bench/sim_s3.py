@@ -7,7 +7,8 @@ What it keeps of S3's semantics (tests/integration/test_sim_s3.py checks each ag
 - PutObject with IfNoneMatch="*" on an existing key, or IfMatch with another ETag, is refused with
   412 PreconditionFailed; IfMatch on a missing key answers 404 NoSuchKey; DeleteObject likewise;
 - GetObject of a missing key raises NoSuchKey (404), HeadObject a bare "404"; GetObject with IfNoneMatch
-  naming the current ETag answers 304 Not Modified, with no body;
+  naming the current ETag answers 304 Not Modified, with no body; a Range "bytes=A-B" answers 206 with
+  those bytes (to the end at most) and ContentRange, 416 InvalidRange from A at the end on;
 - ListObjectsV2 pages of at most 1,000 keys in key order, with Prefix, Delimiter, StartAfter,
   ContinuationToken, KeyCount, IsTruncated and NextContinuationToken;
 - errors are botocore ClientErrors with the Error.Code and HTTPStatusCode botocore would give.
@@ -33,7 +34,7 @@ from email.utils import formatdate
 
 from botocore.exceptions import ClientError
 
-from common import LIST_FILES, key_class
+from common import key_class
 
 PAGE_SIZE = 1000
 # A ListObjectsV2 response's XML without its entries and prefix, and one entry without its key and size
@@ -203,13 +204,14 @@ class SimMeter:
         self.prefix_requests.add(first_segment(key), second)
         if op in WRITES and op != "DeleteObjects":
             self.key_writes.add(key, second)
-        if key in LIST_FILES and status == 200:
+        if klass == "list" and status in (200, 206):  # 206: a stretch of the tasklist (a Range request)
+            name = "folded/" if key.startswith("folded/") else key
             if op == "PutObject":
                 self.list_bytes["written"] += sent
-                self.list_bytes_by_file[(key, "written")] += sent
+                self.list_bytes_by_file[(name, "written")] += sent
             elif op == "GetObject":
                 self.list_bytes["read"] += received
-                self.list_bytes_by_file[(key, "read")] += received
+                self.list_bytes_by_file[(name, "read")] += received
         if klass == "lock" and self.tail_from is None and self.claims_before_tail and op == "PutObject":
             if status == 200:
                 self._claimed.add(key)
@@ -381,13 +383,24 @@ class SimClient:
             "ResponseMetadata": self._meta(200, date, **headers),
         }
 
-    def get_object(self, Bucket: str, Key: str, IfNoneMatch=None, **_) -> dict:  # noqa: N803
+    def get_object(self, Bucket: str, Key: str, IfNoneMatch=None, Range=None, **_) -> dict:  # noqa: N803
         obj, now, date = self._lookup("GetObject", Bucket, Key)
         if IfNoneMatch is not None and IfNoneMatch in ("*", obj.etag):
             self._end(now, "GetObject", Key, 304)  # Not Modified: no body, and botocore raises it
             raise _error("GetObject", "304", 304, "Not Modified", date)
-        self._end(now, "GetObject", Key, 200, received=len(obj.body))
-        return {**self._object_answer(obj, date), "Body": SimBody(obj.body)}
+        if Range is None:
+            self._end(now, "GetObject", Key, 200, received=len(obj.body))
+            return {**self._object_answer(obj, date), "Body": SimBody(obj.body)}
+        first, last = (int(end) for end in Range.removeprefix("bytes=").split("-"))
+        if first >= len(obj.body):
+            self._end(now, "GetObject", Key, 416)
+            raise _error("GetObject", "InvalidRange", 416, "The requested range is not satisfiable", date)
+        part = obj.body[first : last + 1]
+        self._end(now, "GetObject", Key, 206, received=len(part))
+        answer = self._object_answer(obj, date)
+        answer.update(ContentLength=len(part), ContentRange=f"bytes {first}-{first + len(part) - 1}/{len(obj.body)}")
+        answer["ResponseMetadata"]["HTTPStatusCode"] = 206
+        return {**answer, "Body": SimBody(part)}
 
     def head_object(self, Bucket: str, Key: str, **_) -> dict:  # noqa: N803
         obj, now, date = self._lookup("HeadObject", Bucket, Key)

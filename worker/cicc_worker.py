@@ -656,7 +656,12 @@ class Worker:
         it over once the lease has run out) and the slot goes on with the task it claimed ahead."""
         owner = self.owner if self.slots == 1 else f"{self.owner}#{number}"
         picker = task_queue.TaskPicker(
-            self.client, self.queue, owner, self.settings.instance_id, min(5.0, self.settings.lease_seconds / 4)
+            self.client,
+            self.queue,
+            owner,
+            self.settings.instance_id,
+            min(5.0, self.settings.lease_seconds / 4),
+            self.settings.compact_every,
         )
         patience = Patience(self.settings.s3_patience_seconds, self._stop)
         current = following = None
@@ -668,10 +673,9 @@ class Worker:
                 following = Prefetch(self._take, picker, False)
                 self.work(current)
                 patience.reset()
-                with self._lock:
-                    due = self.done and len(self.done) % self.settings.compact_every == 0
-                if due:
-                    self._compact(min_batch=self.settings.compact_every)
+                if picker.compaction_due:
+                    picker.compaction_due = False
+                    self._compact()
                 current, following = following.result(), None
             except Exception as error:  # noqa: BLE001 - one slot's error must not leave the others' work unlogged
                 current, following = self._staged_ahead(following), None
@@ -829,10 +833,7 @@ class Worker:
         except (task_queue.BadInput, TaskError) as error:
             heartbeat.stop()  # the lock is rewritten below: no renewal may race with it
             if self._interrupted():
-                # Not the task's fault: the attempt does not count, the next worker takes it at once.
-                task_queue.release(self.client, self.queue, lease)
-                LOG.warning("gave back %s (%s)", lease.name, self.stop_reason)
-                attempt.ended(run_trace.GIVEN_BACK, self.stop_reason)
+                attempt.ended(*self._hand_back(lease))
             else:
                 attempt.ended(
                     self._give_back(lease, error, fail_now=isinstance(error, task_queue.BadInput)), str(error)
@@ -860,12 +861,21 @@ class Worker:
         with self._lock:
             return frozenset(self._held)
 
+    def _hand_back(self, lease: task_queue.Lease) -> tuple[str, str]:
+        """Give a task back at once, the attempt not counted (the stop is not the task's fault: the next
+        worker takes it straight away); returns the attempt's (outcome, reason)."""
+        try:
+            task_queue.release(self.client, self.queue, lease)
+        except task_queue.LeaseLost as error:
+            LOG.warning("%s: nothing to give back", error)
+            return run_trace.LOST, str(error)
+        LOG.warning("gave back %s (%s)", lease.name, self.stop_reason)
+        return run_trace.GIVEN_BACK, self.stop_reason
+
     def _failed_run(self, lease: task_queue.Lease, result: RunResult) -> tuple[str, str]:
         """Give back a task whose command failed; returns the attempt's (outcome, reason)."""
         if self._interrupted():
-            task_queue.release(self.client, self.queue, lease)
-            LOG.warning("gave back %s (%s)", lease.name, self.stop_reason)
-            return run_trace.GIVEN_BACK, self.stop_reason
+            return self._hand_back(lease)
         action = self.job.on_exit(result.exit_code)
         reason = f"exited with code {result.exit_code} ({action} by the job's rules): {result.report or 'no message'}"
         return self._give_back(lease, TaskError(reason), fail_now=action == "fail"), reason

@@ -66,10 +66,12 @@ COMPLETED = "completed.txt"
 FAILED = "failed.txt"
 REJECTED = "rejected.txt"
 COMPACTION = "compaction.json"
+FOLDED = "folded/"
 LIST_NAMES = (TASKLIST, COMPLETED, FAILED, REJECTED)
 RESERVED_NAMES = LIST_NAMES + (COMPACTION,)
 
 # A lease's lock is padded to LEASE_BYTES plus its lease in seconds; a finished mark is one of these bodies.
+WINDOW_BYTES = 16 * 1024  # a picker's view of a large tasklist: about 1,000 names
 LEASE_BYTES = 2048
 MARKS = {"completed": b"completed\n", "failed": b"failed\n"}
 _MARK_OF_SIZE = {len(body): state for state, body in MARKS.items()}
@@ -82,6 +84,7 @@ _CONFLICT = ("ConditionalRequestConflict", "409", "OperationAborted")
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _DENIED = ("AccessDenied", "403")
 _NOT_MODIFIED = ("304", "NotModified")
+_RANGE = ("InvalidRange", "416")
 _THROTTLED = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "503")
 
 
@@ -367,17 +370,23 @@ class LockEntry:
         return self.state == "held" and (self.lease_seconds is None or self.age >= self.lease_seconds)
 
 
-def list_locks(client, queue: Queue) -> dict[str, LockEntry]:
-    """Every lock of the queue by task name, from a listing alone (read-only)."""
+def list_locks(client, queue: Queue, first: str = "", last: str = "") -> dict[str, LockEntry]:
+    """The queue's locks by task name, from a listing alone (read-only): all of them, or those of the names
+    from ``first`` to ``last`` (in key order: one page for a picker's window, whatever the queue's size)."""
     entries = {}
     prefix = queue.lock_key("")
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=queue.bucket, Prefix=prefix):
+    request = {"Bucket": queue.bucket, "Prefix": prefix}
+    if first:
+        request["StartAfter"] = queue.lock_key(first)[:-1]  # just before first's lock
+    for page in client.get_paginator("list_objects_v2").paginate(**request):
         now = _server_now(page)
         for item in page.get("Contents", []):
+            name = item["Key"][len(prefix) :]
+            if last and name > last:
+                return entries
             size, state = item["Size"], _MARK_OF_SIZE.get(item["Size"], "held")
             lease = size - LEASE_BYTES if size >= LEASE_BYTES else None
             age = (now - item["LastModified"]).total_seconds()
-            name = item["Key"][len(prefix) :]
             entries[name] = LockEntry(name, state, age, lease, item["ETag"])
     return entries
 
@@ -497,14 +506,25 @@ def finished_state(client, queue: Queue, name: str) -> str | None:
     return None
 
 
+def finished_tasks(client, queue: Queue, locks: dict[str, LockEntry] | None = None) -> dict[str, set[str]]:
+    """The names of the finished tasks by state: in the lists, in folded segments not merged yet, and
+    marked (from ``locks``, listed first when not given) (read-only)."""
+    finished = finished_marks(list_locks(client, queue) if locks is None else locks)
+    for state, items in _folded_segments(client, queue).items():
+        finished.setdefault(state, set()).update(_folded_names(client, queue, items))
+    for state, list_name in (("completed", COMPLETED), ("failed", FAILED)):
+        found = _get(client, queue.bucket, queue.key(list_name))
+        finished[state] |= set(parse_tasklist(found[0]).names) if found else set()
+    return finished
+
+
 def recorded_completed(client, queue: Queue, name: str) -> bool:
     """Whether the task is recorded completed: its lock is its completed mark, or it has no lock and
     completed.txt lists it (read-only)."""
     lock = read_lock(client, queue, name)
     if lock is not None:
         return lock[0].get("finished") == "completed"
-    found = _get(client, queue.bucket, queue.key(COMPLETED))
-    return found is not None and name in parse_tasklist(found[0]).names
+    return name in finished_tasks(client, queue, locks={})["completed"]
 
 
 def read_manifest(client, queue: Queue, name: str) -> dict | None:
@@ -630,7 +650,9 @@ def release(client, queue: Queue, lease: Lease, error: str = "") -> str:
     """Give the task back. With ``error`` the attempt counts: after ``max_attempts`` the task is
     recorded failed; otherwise the lock is left expired so the next worker takes it over and
     carries the attempt count on. Without ``error`` (e.g. the machine is being reclaimed) the
-    attempt does not count. Returns the task's state: "pending" or "failed"."""
+    attempt does not count. The lock is rewritten, never deleted: If-Match on a write is honoured
+    everywhere, on a delete not by every S3 implementation. Raises LeaseLost when the lease is no
+    longer ours (nothing to give back). Returns the task's state: "pending" or "failed"."""
     if error:
         lease.last_error = error
         if lease.attempts >= queue.max_attempts:
@@ -638,9 +660,6 @@ def release(client, queue: Queue, lease: Lease, error: str = "") -> str:
             return "failed"
     else:
         lease.attempts -= 1
-        if lease.attempts <= 0:
-            _delete_lock(client, queue, lease)
-            return "pending"
     lease.lease_seconds = 0  # expired at once: free for the next claim
     renew(client, queue, lease)
     return "pending"
@@ -676,27 +695,19 @@ def _mark(client, queue: Queue, lease: Lease, state: str) -> bool:
     return True
 
 
-def _delete_lock(client, queue: Queue, lease: Lease) -> bool:
-    """Delete the lock only if it is still ours. Returns False when it no longer was."""
-    try:
-        client.delete_object(Bucket=queue.bucket, Key=queue.lock_key(lease.name), IfMatch=lease.etag)
-    except Exception as error:  # noqa: BLE001
-        if _is(error, _PRECONDITION + _MISSING):
-            return False
-        raise
-    return True
-
-
 # --- the lists ------------------------------------------------------------------------------------
 
 
 def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> dict:
-    """Fold the finished marks into completed.txt / failed.txt, and drop finished names and lines that are
-    not names (recorded in rejected.txt) from tasklist.txt; then delete the marks. Every list write is
-    conditional on the ETag read; on a conflict everything is re-read and re-applied, so people editing the
-    tasklist lose nothing. One compaction runs at a time: with another one running this one is skipped
-    ("busy"). ``force`` (a worker at its end, a person) folds any batch, marks the locks left on finished
-    tasks, and waits for a running compaction to end, then folds what that one left. Returns what moved."""
+    """Fold the finished marks into the lists: their names appended to a folded segment (folded/), taken
+    out of tasklist.txt with the lines that are not names (recorded in rejected.txt), then the marks
+    deleted; the segments are merged into completed.txt / failed.txt once they hold as much as the list
+    (so each list is rewritten a few times in all, not once a batch), and always when ``force``. Every
+    list write is conditional on the ETag read; on a conflict the list is read and the edit applied
+    again, so people editing the tasklist lose nothing. One compaction runs at a time: with another one
+    running this one is skipped ("busy"). ``force`` (a worker at its end, a person) folds any batch,
+    marks the expired locks left on finished tasks, and waits for a running compaction to end, then folds
+    what that one left. Returns what moved."""
     moved = {"completed": 0, "failed": 0, "rejected": 0, "conflicts": 0, "locks": 0, "busy": False}
     locks = list_locks(client, queue)
     if sum(len(names) for names in finished_marks(locks).values()) < min_batch and not force:
@@ -714,44 +725,48 @@ def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> di
         marks = finished_marks(locks)
         if force:
             moved["locks"] = _mark_finished_locks(client, queue, locks, marks)
-        for attempt in range(20):
-            try:
-                moved.update(_fold(client, queue, marks))
-            except Exception as error:  # noqa: BLE001
-                if not _is(error, _PRECONDITION + _CONFLICT):
-                    raise
-                _backoff(attempt)
-                continue
-            # Folded: the marks can go. A mark is final (nothing rewrites it), so it goes unconditionally;
-            # a claim that finds the lock gone finds the task's manifest or failed record instead.
-            folded = [queue.lock_key(name) for names in marks.values() for name in sorted(names)]
-            for first in range(0, len(folded), 1000):
-                chunk = [{"Key": key} for key in folded[first : first + 1000]]
-                client.delete_objects(Bucket=queue.bucket, Delete={"Objects": chunk, "Quiet": True})
-            moved["conflicts"] = attempt
-            return moved
+        for state, names in marks.items():
+            if names:  # recorded first: a name leaves the tasklist only once a segment holds it
+                stamp = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+                _put(client, queue.bucket, queue.key(f"{FOLDED}{state}-{stamp}.txt"), _lines(sorted(names)))
+            moved[state] = len(names)
+        moved["rejected"], moved["conflicts"] = _retried(lambda: _fold_tasklist(client, queue, marks))
+        moved["conflicts"] += _retried(lambda: _merge_folded(client, queue, force))[1]
+        # A mark is final (nothing rewrites it), so it goes unconditionally; a claim that finds the lock
+        # gone finds the task's manifest or failed record.
+        folded = [queue.lock_key(name) for name in sorted(set().union(*marks.values()))]
+        for first in range(0, len(folded), 1000):
+            chunk = [{"Key": key} for key in folded[first : first + 1000]]
+            client.delete_objects(Bucket=queue.bucket, Delete={"Objects": chunk, "Quiet": True})
+        return moved
     finally:
         _end_turn(client, queue, turn)
+
+
+def _retried(edit) -> tuple:
+    """(what ``edit`` returned, the conflicts it met): a list edit is read and applied again while another
+    writer changed the list in between (If-Match refused)."""
+    for attempt in range(20):
+        try:
+            return edit(), attempt
+        except Exception as error:  # noqa: BLE001
+            if not _is(error, _PRECONDITION + _CONFLICT):
+                raise
+            _backoff(attempt)
     raise QueueError("the lists kept changing under compaction; try again")
 
 
 def _compaction_turn(client, queue: Queue) -> str | None:
     """Take the compaction's turn: the ETag of compaction.json written by us, or None while another
-    compaction holds it."""
+    compaction holds it. Looked at first (a read), so that workers finding it taken write nothing."""
     key, body = queue.key(COMPACTION), json.dumps({"started_at": time.time()}).encode()
     for _attempt in range(3):
-        try:
-            return _put(client, queue.bucket, key, body, IfNoneMatch="*")
-        except Exception as error:  # noqa: BLE001
-            if not _is(error, _PRECONDITION):
-                raise
         head = _head(client, queue.bucket, key)
-        if head is None:
-            continue  # it just ended: try again
-        if _lease_age(head) < COMPACTION_SECONDS:
+        if head is not None and _lease_age(head) < COMPACTION_SECONDS:
             return None
-        try:  # its compaction stopped without giving the turn back
-            return _put(client, queue.bucket, key, body, IfMatch=head["ETag"])
+        try:  # free, or its compaction stopped without giving the turn back
+            condition = {"IfMatch": head["ETag"]} if head else {"IfNoneMatch": "*"}
+            return _put(client, queue.bucket, key, body, **condition)
         except Exception as error:  # noqa: BLE001
             if not _is(error, _PRECONDITION + _MISSING):
                 raise
@@ -803,21 +818,11 @@ def _read_list(client, queue: Queue, list_name: str) -> tuple[bytes, dict]:
     return (found[0], {"IfMatch": found[1]}) if found else (b"", {"IfNoneMatch": "*"})
 
 
-def _fold(client, queue: Queue, finished: dict[str, set[str]]) -> dict:
+def _fold_tasklist(client, queue: Queue, finished: dict[str, set[str]]) -> int:
+    """Take the finished names and the lines that are not names out of tasklist.txt (those recorded in
+    rejected.txt); returns how many lines were rejected."""
     task_raw, task_cond = _read_list(client, queue, TASKLIST)
     tasks = parse_tasklist(task_raw)
-    moved = {"completed": 0, "failed": 0, "rejected": len(tasks.rejected)}
-    for state, list_name in (("completed", COMPLETED), ("failed", FAILED)):
-        new = finished.get(state, set())
-        if not new:
-            continue
-        raw, cond = _read_list(client, queue, list_name)
-        present = set(parse_tasklist(raw).names)
-        additions = sorted(new - present)
-        if additions:
-            body = raw if raw.endswith(b"\n") or not raw else raw + b"\n"
-            _put(client, queue.bucket, queue.key(list_name), body + _lines(additions), **cond)
-        moved[state] = len(additions)
     if tasks.rejected:
         raw, cond = _read_list(client, queue, REJECTED)
         recorded = set(raw.decode("utf-8", "replace").splitlines())
@@ -828,9 +833,47 @@ def _fold(client, queue: Queue, finished: dict[str, set[str]]) -> dict:
     done = set().union(*finished.values())
     remaining = [name for name in tasks.names if name not in done]
     if len(remaining) < len(tasks.names) or tasks.rejected:
-        # Rewritten normalised: comments first, one name a line, LF, no duplicates.
-        _put(client, queue.bucket, queue.key(TASKLIST), _lines(tasks.comments + remaining), **task_cond)
-    return moved
+        # Rewritten normalised: comments first, then the names sorted (a picker's window of it is then a
+        # stretch of lock keys), one a line, LF, no duplicates.
+        _put(client, queue.bucket, queue.key(TASKLIST), _lines(tasks.comments + sorted(remaining)), **task_cond)
+    return len(tasks.rejected)
+
+
+def _folded_segments(client, queue: Queue) -> dict[str, list[dict]]:
+    """The folded segments by state ("completed", "failed"), oldest first: their listing entries."""
+    segments: dict[str, list[dict]] = {state: [] for state in MARKS}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=queue.bucket, Prefix=queue.key(FOLDED)):
+        for item in page.get("Contents", []):
+            state = item["Key"][len(queue.key(FOLDED)) :].split("-", 1)[0]
+            segments.setdefault(state, []).append(item)
+    return segments
+
+
+def _folded_names(client, queue: Queue, items: list[dict]) -> list[str]:
+    names: list[str] = []
+    for item in items:
+        found = _get(client, queue.bucket, item["Key"])
+        names += parse_tasklist(found[0]).names if found else []
+    return names
+
+
+def _merge_folded(client, queue: Queue, force: bool) -> None:
+    """Merge the folded segments of each state into its list, without duplicates, once they hold as many
+    bytes as the list (or ``force``), then delete them."""
+    for state, items in _folded_segments(client, queue).items():
+        list_name = COMPLETED if state == "completed" else FAILED
+        head = _head(client, queue.bucket, queue.key(list_name)) if items and not force else None
+        if not items or (head and sum(item["Size"] for item in items) < head["ContentLength"]):
+            continue
+        raw, cond = _read_list(client, queue, list_name)
+        present = parse_tasklist(raw).names
+        merged = list(dict.fromkeys(present + _folded_names(client, queue, items)))
+        if len(merged) > len(present):
+            body = raw if raw.endswith(b"\n") or not raw else raw + b"\n"
+            _put(client, queue.bucket, queue.key(list_name), body + _lines(merged[len(present) :]), **cond)
+        keys = [{"Key": item["Key"]} for item in items]
+        for first in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=queue.bucket, Delete={"Objects": keys[first : first + 1000], "Quiet": True})
 
 
 def list_inputs(client, queue: Queue, pattern: str = "*", exclude=()) -> list[str]:
@@ -852,10 +895,7 @@ def add_tasks(client, queue: Queue, names: list[str], check_mode: bool = False) 
     added (in check mode: that would be)."""
     for attempt in range(20):
         raw, condition = _read_list(client, queue, TASKLIST)
-        known = set(parse_tasklist(raw).names)
-        for list_name in (COMPLETED, FAILED):
-            known |= set(parse_tasklist(_read_list(client, queue, list_name)[0]).names)
-        known |= set().union(*finished_marks(list_locks(client, queue)).values())
+        known = set(parse_tasklist(raw).names).union(*finished_tasks(client, queue).values())
         new = [name for name in dict.fromkeys(names) if name not in known]
         if not new or check_mode:
             return new
@@ -877,12 +917,8 @@ def add_tasks(client, queue: Queue, names: list[str], check_mode: bool = False) 
 def queue_status(client, queue: Queue) -> dict:
     """The queue as a person wants to see it: counts, who holds what and for how long."""
     locks = list_locks(client, queue)  # before the lists: a mark folded meanwhile is in them then
-    marks = finished_marks(locks)
+    listed = finished_tasks(client, queue, locks)
     tasks = read_tasklist(client, queue)
-    listed = {}
-    for state, list_name in (("completed", COMPLETED), ("failed", FAILED)):
-        found = _get(client, queue.bucket, queue.key(list_name))
-        listed[state] = set(parse_tasklist(found[0] if found else b"").names) | marks[state]
     claimed = []
     for entry in locks.values():
         found = entry.state == "held" and _get(client, queue.bucket, queue.lock_key(entry.name))
@@ -912,7 +948,7 @@ def queue_status(client, queue: Queue) -> dict:
         "failed": len(listed["failed"]),
         "failed_tasks": sorted(listed["failed"]),
         "rejected": [{"line": line, "reason": reason} for line, reason in tasks.rejected],
-        "unfolded": sum(len(names) for names in marks.values()),
+        "unfolded": sum(entry.state in MARKS for entry in locks.values()),
         "drained": not pending and not claimed,
     }
 
@@ -949,51 +985,123 @@ class TaskPicker:
     """Finds the next task for one worker from a snapshot of the tasklist, so that a claim costs
     one request rather than one read of the whole list.
 
-    Every worker walks the same snapshot in order from a random start and, whenever it runs into
-    a task someone else holds or finished, jumps to a random unvisited place: workers soon work
-    apart, each in its own stretch, and rarely touch the same task. Busy tasks are retried (with
-    lease takeover) only when nothing else is left, and only those whose lease the listing shows run
-    out, so idle workers at the end of the queue do not knock on live leases. The snapshot leaves out
-    locked tasks (put aside as busy) and is re-read after two misses in a row or once misses pass an
-    eighth of the hits, so the requests per task stay flat whatever the number of workers; the tasklist
-    is read again only when its ETag changed (304 otherwise, no body)."""
+    The snapshot is a window of the tasklist: all of it when it is small, else about WINDOW_BYTES of it
+    read with a Range request (the compaction keeps the names sorted, so a window is a stretch of the
+    lock keys, listed with StartAfter: what a window costs does not grow with the queue). Every worker
+    walks its window in order from a random start and, whenever it runs into a task someone else holds
+    or finished, jumps to a random unvisited place: workers soon work apart, each in its own stretch,
+    and rarely touch the same task. The window leaves out locked tasks (put aside as busy); its locks
+    are listed again after two misses in a row or once misses pass an eighth of the hits. A window used
+    up, the worker reads the next one; once it has gone round the whole list without a free task it
+    folds the finished ones (the list shrinks) and pauses. Busy tasks are taken over only when their
+    lease runs out, as the listing shows, so idle workers at the end of the queue do not knock on live
+    leases. A whole tasklist is read again with If-None-Match (304 when unchanged, no body).
+    ``compaction_due`` says when the tasks in view finished and not yet folded are a 25th of the names in
+    view and at least ``compact_every``: lists rewritten that rarely cost a few hundred bytes a task at any size."""
 
     REFRESH_STREAK = 2  # misses in a row that make the snapshot stale
     REFRESH_MISS_RATIO = 8  # ... or misses above hits / 8 since the last refresh
+    COMPACT_FRACTION = 25  # a compaction is due once marks reach names in view / this
+    REREAD_CLAIMS = 50  # claims from one reading of a stretch, at most
 
-    def __init__(self, client, queue: Queue, owner: str, instance_id: str = "", poll_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        client,
+        queue: Queue,
+        owner: str,
+        instance_id: str = "",
+        poll_seconds: float = 5.0,
+        compact_every: int = 20,
+    ) -> None:
         self.client, self.queue, self.owner, self.instance_id = client, queue, owner, instance_id
-        self.poll_seconds = poll_seconds
+        self.poll_seconds, self.compact_every = poll_seconds, compact_every
         self.finished: set[str] = set()
         self.rejected: list[tuple[str, str]] = []
+        self.compaction_due = False
         self._order: list[str] = []
         self._visited = bytearray()
         self._left = self._position = 0
         self._jump = True
         self._busy: list[str] = []
         self._locks: dict[str, LockEntry] = {}
-        self._tasks, self._tasklist_etag = TaskList([], [], []), ""
+        self._window: TaskList | None = None
+        self._whole = True  # the window is the whole tasklist
+        self._size = self._next_start = self._window_start = self._window_claims = 0
+        self._window_stale = False
+        self._cycle_left: int | None = None  # bytes of a large tasklist still to see this time round
+        self._tasks_etag = ""
         self._tokens: dict[str, str] = {}  # a retried claim of a name reuses its token (lost replies)
         self._hits = self._misses = self._streak = 0
         self._fresh = False
 
+    # --- the window
+
+    def _read_window(self, again: bool = False) -> None:
+        """Read the next window of the tasklist (``again``: the same stretch afresh): all of it while it is
+        small, else a stretch."""
+        key = self.queue.key(TASKLIST)
+        if self._window is None:  # where to start: a random place of a large list
+            head = _head(self.client, self.queue.bucket, key)
+            self._size = head["ContentLength"] if head else 0
+            self._next_start = random.randrange(self._size) if self._size > WINDOW_BYTES else 0
+        if self._size <= WINDOW_BYTES:
+            changed = _get_if_changed(self.client, self.queue.bucket, key, self._tasks_etag)
+            if changed is not None:
+                self._window, self._tasks_etag = parse_tasklist(changed[0]), changed[1]
+                self._size = len(changed[0])
+            self._whole, self._cycle_left = True, 0
+            return
+        self._whole, self._tasks_etag = False, ""
+        self._window_claims, self._window_stale = 0, False
+        if again:
+            self._window = parse_tasklist(_read_stretch(self.client, self.queue, self._window_start)[0])
+            return
+        start = self._window_start = self._next_start if self._next_start < self._size else 0
+        if self._cycle_left is None:
+            self._cycle_left = self._size
+        text, self._size, self._next_start = _read_stretch(self.client, self.queue, start)
+        self._window = parse_tasklist(text)
+        self._cycle_left -= max(self._next_start - start, 1)
+        if self._next_start >= self._size:
+            self._next_start = 0
+
     def _refresh(self) -> None:
-        # Locks, then tasklist: a finished task keeps its lock (as its mark) until a compaction has taken
-        # it out of the tasklist, so a task that was locked or finished when the locks were listed never
-        # looks free in this snapshot.
-        self._locks = list_locks(self.client, self.queue)
-        changed = _get_if_changed(self.client, self.queue.bucket, self.queue.key(TASKLIST), self._tasklist_etag)
-        if changed is not None:
-            self._tasks, self._tasklist_etag = parse_tasklist(changed[0]), changed[1]
-        self.rejected = self._tasks.rejected
-        self.finished |= set().union(*finished_marks(self._locks).values())
-        pending = [name for name in self._tasks.names if name not in self.finished]
+        # Locks, then the window's names: a finished task keeps its lock (as its mark) until a compaction
+        # has taken it out of the tasklist, so a task that was locked or finished when the locks were
+        # listed never looks free in this snapshot.
+        names = self._window.names if self._window else []
+        if self._whole:
+            self._locks = list_locks(self.client, self.queue)
+        else:
+            self._locks = list_locks(self.client, self.queue, min(names, default=""), max(names, default=""))
+        self.rejected = self._window.rejected if self._whole and self._window else self.rejected
+        marks = set().union(*finished_marks(self._locks).values())
+        self.finished |= marks
+        unfolded = marks.intersection(names)  # a folded task's name is out of the list, its mark not yet
+        self.compaction_due = len(unfolded) >= max(self.compact_every, len(names) / self.COMPACT_FRACTION)
+        pending = [name for name in names if name not in self.finished]
         self._order = [name for name in pending if name not in self._locks]
         self._busy = [name for name in pending if name in self._locks]
         self._visited = bytearray(len(self._order))
         self._left, self._jump = len(self._order), True
         self._hits = self._misses = self._streak = 0
         self._fresh = True
+
+    def _look(self, advance: bool) -> None:
+        """List the window's locks again, first moving on to the next window (``advance``). A whole
+        tasklist is read again too if it changed, a stretch when it is dated (the compaction takes finished
+        names out of the list, and a finished mark goes at the compaction after): after REREAD_CLAIMS
+        claims, or once a claim found a task finished whose lock was gone."""
+        if advance or self._whole or self._window is None:
+            self._read_window()
+        elif self._window_stale or self._window_claims >= self.REREAD_CLAIMS:
+            self._read_window(again=True)
+        self._refresh()
+
+    def _start_cycle(self) -> None:
+        self._cycle_left = None  # from the next window on
+
+    # --- claiming
 
     def _stale(self) -> bool:
         """Whether recent misses say the snapshot is out of date (never right after a refresh)."""
@@ -1021,8 +1129,10 @@ class TaskPicker:
         except TaskFinished:
             self.finished.add(name)
             self._tokens.pop(name)
+            self._window_stale = not take_over  # unlocked yet finished: folded since the window was read
         else:
             self._tokens.pop(name)
+            self._window_claims += 1
             self._hits += 1
             self._streak = 0
             self._fresh = self._jump = False
@@ -1040,38 +1150,45 @@ class TaskPicker:
         names the tasks the caller's own worker holds in its other slots: not worth waiting for,
         since that slot takes back what it gives back."""
         if not self._left and not self._busy:
-            self._refresh()
+            self._start_cycle()
+            self._look(advance=True)
         while not stopped():
             while self._left and not stopped():
                 if self._stale():
-                    self._refresh()
+                    self._look(advance=False)
                     continue
                 lease = self._try(self._next_candidate(), take_over=False)
                 if lease:
                     return lease
-            if not self._fresh:  # an old snapshot ran out: look again before waiting
-                self._refresh()
+            if not self._fresh:  # an old snapshot ran out: look again before moving on
+                self._look(advance=False)
                 continue
-            if not self._busy:
-                return None
-            if not wait or not set(self._busy) - set(mine()):
-                # Nothing free now and nothing worth waiting for: a later call looks afresh first.
-                self._fresh = False
-                return None
-            # Only tasks held by others remain: take over those whose lease ran out; when none has, wait
-            # for them to finish or run out, then look again.
+            # Nothing free in view: take over the leases here that ran out.
             due = self._expired_busy()
-            if not due:
-                time.sleep(self.poll_seconds)
-                self._refresh()
-                if self._left:
-                    continue
-                due = self._expired_busy()
             for name in due:
                 lease = None if stopped() else self._try(name, take_over=True)
                 if lease:
                     return lease
-            self._fresh = False  # the listing that showed them expired is out of date now
+            if due:
+                self._fresh = False  # the listing that showed them expired is out of date now
+                continue
+            if not self._whole and (self._cycle_left is None or self._cycle_left > 0):
+                self._look(advance=True)
+                continue
+            if not self._whole or self._busy:
+                if not wait or (self._whole and not set(self._busy) - set(mine())):
+                    # Nothing free now and nothing worth waiting for: a later call looks afresh first.
+                    self._fresh = False
+                    self._busy = self._busy if self._whole else []
+                    return None
+                if not self._whole:  # round the whole list with nothing free: fold the finished ones
+                    compact(self.client, self.queue, force=True)
+                # Wait for the tasks held by others to finish or their leases to run out, then look again.
+                time.sleep(self.poll_seconds)
+                self._start_cycle()
+                self._look(advance=True)
+                continue
+            return None
         return None
 
     def _expired_busy(self) -> list[str]:
@@ -1079,3 +1196,27 @@ class TaskPicker:
         due = [name for name in self._busy if name in self._locks and self._locks[name].expired]
         self._busy = [name for name in self._busy if name not in set(due)]
         return due
+
+
+def _read_stretch(client, queue: Queue, start: int) -> tuple[bytes, int, int]:
+    """About WINDOW_BYTES of the tasklist's whole lines from ``start`` on (a Range request from the byte
+    before it, to tell whether ``start`` begins a line): (text, the list's size, where the next stretch
+    starts). A stretch never splits a line, and one stretch ends where the next begins."""
+    first = max(start - 1, 0)
+    try:
+        response = client.get_object(
+            Bucket=queue.bucket, Key=queue.key(TASKLIST), Range=f"bytes={first}-{start + WINDOW_BYTES - 1}"
+        )
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _MISSING) or (_is(error, _RANGE) and start == 0):
+            return b"", 0, 0  # no tasklist, or an empty one
+        if not _is(error, _RANGE):
+            raise
+        return _read_stretch(client, queue, 0)  # the list shrank under the offset: start over
+    body = response["Body"].read()
+    size = int(response["ContentRange"].rsplit("/", 1)[1]) if "ContentRange" in response else len(body)
+    begin = body.find(b"\n") + 1 if start > 0 else 0  # the byte before start ends a line, or the line is cut
+    end = len(body) if first + len(body) >= size else body.rfind(b"\n") + 1
+    if end <= begin:  # one line longer than a window: skip it
+        return b"", size, first + len(body)
+    return body[begin:end], size, first + end

@@ -15,7 +15,7 @@ version_added: 0.1.0
 short_description: Mark a claimed task of the cicc.cloud S3 work queue completed
 description:
   - Records a task claimed with M(cicc.cloud.task_claim) as completed, if the lease is still the one O(etag)
-    names: its lock becomes the task's finished mark, which M(cicc.cloud.task_info) with
+    names. Its lock becomes the task's finished mark, which M(cicc.cloud.task_info) with
     O(cicc.cloud.task_info#module:compact=true) or the workers fold into C(completed.txt).
   - A task is done when its manifest (C(manifests/<name>.json) under the prefix) exists; the boot worker writes it
     once it has published the task's outputs. Give O(outputs) for a task whose outputs were published by other means;

@@ -33,7 +33,7 @@ def answer(call) -> dict:
             "no_such_key": type(error).__name__ == "NoSuchKey",
         }
     seen = {"status": response["ResponseMetadata"]["HTTPStatusCode"]}
-    for field in ("ETag", "ContentLength", "IsTruncated", "KeyCount", "Prefix", "StartAfter"):
+    for field in ("ETag", "ContentLength", "ContentRange", "IsTruncated", "KeyCount", "Prefix", "StartAfter"):
         if field in response:
             seen[field] = response[field]
     if "Body" in response:
@@ -51,6 +51,9 @@ def answer(call) -> dict:
         age = (date - response["LastModified"]).total_seconds()
         seen["lease_clock"] = isinstance(response["LastModified"], datetime.datetime) and 0 <= age < 5
     return seen
+
+
+NEW_ETAG = f'"{hashlib.md5(b"new").hexdigest()}"'
 
 
 def conditional_writes(client, bucket: str) -> list:
@@ -72,9 +75,9 @@ def conditional_writes(client, bucket: str) -> list:
         lambda: client.delete_object(Bucket=bucket, Key="locks/missing"),
         lambda: client.delete_object(Bucket=bucket, Key="locks/b", IfMatch='"2e7d2c03a9507ae265ecf5b5356885a5"'),
         lambda: client.get_object(Bucket=bucket, Key="locks/b"),
-        lambda: client.get_object(
-            Bucket=bucket, Key="locks/b", IfNoneMatch=f'"{hashlib.md5(b"new").hexdigest()}"'
-        ),  # 304, no body
+        lambda: client.get_object(Bucket=bucket, Key="locks/b", IfNoneMatch=NEW_ETAG),  # 304, no body
+        lambda: client.get_object(Bucket=bucket, Key="locks/b", Range="bytes=1-100"),  # to the end at most
+        lambda: client.get_object(Bucket=bucket, Key="locks/b", Range="bytes=3-5"),  # from the end on: 416
         lambda: client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "locks/b"}], "Quiet": True}),
         lambda: client.head_object(Bucket=bucket, Key="locks/b"),
     ]
