@@ -267,21 +267,25 @@ class Patience:
 
 
 class Prefetch(threading.Thread):
-    """Runs ``take(*args)`` beside the caller; ``result()`` waits for it and returns (or raises) what it did."""
+    """Runs ``take(*args)`` beside the caller, after ``delay`` seconds or once ``go()`` is called if sooner;
+    ``result()`` says go and waits for it, and returns (or raises) what it did."""
 
-    def __init__(self, take, *args) -> None:
+    def __init__(self, take, *args, delay: float = 0.0) -> None:
         super().__init__(daemon=True, name=f"{threading.current_thread().name}-prefetch")
-        self._take, self._args = take, args
+        self._take, self._args, self._delay = take, args, delay
+        self._go = threading.Event()
         self._result = self._error = None
         self.start()
 
     def run(self) -> None:
+        self._go.wait(self._delay)
         try:
             self._result = self._take(*self._args)
         except BaseException as error:  # noqa: BLE001 - handed to the caller by result()
             self._error = error
 
     def result(self):
+        self._go.set()
         self.join()
         if self._error is not None:
             raise self._error
@@ -665,13 +669,15 @@ class Worker:
         )
         patience = Patience(self.settings.s3_patience_seconds, self._stop)
         current = following = None
+        ahead = 0.0  # how long a task may run before the next one is claimed: its lease then starts late
         while True:
             try:
                 current = current or self._take(picker)
                 if current is None:
                     break
-                following = Prefetch(self._take, picker, False)
+                following = Prefetch(self._take, picker, False, delay=ahead)
                 self.work(current)
+                ahead = self._claim_ahead_after(current.attempt)
                 patience.reset()
                 if picker.compaction_due:
                     picker.compaction_due = False
@@ -687,6 +693,15 @@ class Worker:
                 break
         with self._lock:
             self._rejected = self._rejected or picker.rejected
+
+    @staticmethod
+    def _claim_ahead_after(attempt: run_trace.Attempt) -> float:
+        """When to claim the next task while one runs, from the task just done: soon enough to stage it
+        twice over before this one ends, no sooner (a lease held waiting costs renewals)."""
+        if not (attempt.started_at and attempt.ended_at and attempt.staged_at):
+            return 0.0
+        run, stage = attempt.ended_at - attempt.started_at, attempt.staged_at - attempt.claimed_at
+        return max(0.0, run - 2 * stage - 2.0)
 
     @staticmethod
     def _staged_ahead(prefetch: Prefetch | None) -> Claimed | None:

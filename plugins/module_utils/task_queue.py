@@ -650,9 +650,9 @@ def release(client, queue: Queue, lease: Lease, error: str = "") -> str:
     """Give the task back. With ``error`` the attempt counts: after ``max_attempts`` the task is
     recorded failed; otherwise the lock is left expired so the next worker takes it over and
     carries the attempt count on. Without ``error`` (e.g. the machine is being reclaimed) the
-    attempt does not count. The lock is rewritten, never deleted: If-Match on a write is honoured
-    everywhere, on a delete not by every S3 implementation. Raises LeaseLost when the lease is no
-    longer ours (nothing to give back). Returns the task's state: "pending" or "failed"."""
+    attempt does not count; a first attempt given back deletes the lock (with If-Match on its ETag, which
+    not every S3 implementation honours on a delete). Raises LeaseLost when the lease is no longer ours
+    and the lock is to be rewritten. Returns the task's state: "pending" or "failed"."""
     if error:
         lease.last_error = error
         if lease.attempts >= queue.max_attempts:
@@ -660,6 +660,9 @@ def release(client, queue: Queue, lease: Lease, error: str = "") -> str:
             return "failed"
     else:
         lease.attempts -= 1
+        if lease.attempts <= 0:
+            _delete_lock(client, queue, lease)
+            return "pending"
     lease.lease_seconds = 0  # expired at once: free for the next claim
     renew(client, queue, lease)
     return "pending"
@@ -692,6 +695,17 @@ def _mark(client, queue: Queue, lease: Lease, state: str) -> bool:
             if _is(error, _PRECONDITION + _MISSING):
                 return False
             raise
+    return True
+
+
+def _delete_lock(client, queue: Queue, lease: Lease) -> bool:
+    """Delete the lock only if it is still ours. Returns False when it no longer was."""
+    try:
+        client.delete_object(Bucket=queue.bucket, Key=queue.lock_key(lease.name), IfMatch=lease.etag)
+    except Exception as error:  # noqa: BLE001
+        if _is(error, _PRECONDITION + _MISSING):
+            return False
+        raise
     return True
 
 
@@ -985,19 +999,21 @@ class TaskPicker:
     """Finds the next task for one worker from a snapshot of the tasklist, so that a claim costs
     one request rather than one read of the whole list.
 
-    The snapshot is a window of the tasklist: all of it when it is small, else about WINDOW_BYTES of it
-    read with a Range request (the compaction keeps the names sorted, so a window is a stretch of the
-    lock keys, listed with StartAfter: what a window costs does not grow with the queue). Every worker
-    walks its window in order from a random start and, whenever it runs into a task someone else holds
-    or finished, jumps to a random unvisited place: workers soon work apart, each in its own stretch,
-    and rarely touch the same task. The window leaves out locked tasks (put aside as busy); its locks
-    are listed again after two misses in a row or once misses pass an eighth of the hits. A window used
-    up, the worker reads the next one; once it has gone round the whole list without a free task it
-    folds the finished ones (the list shrinks) and pauses. Busy tasks are taken over only when their
-    lease runs out, as the listing shows, so idle workers at the end of the queue do not knock on live
-    leases. A whole tasklist is read again with If-None-Match (304 when unchanged, no body).
-    ``compaction_due`` says when the tasks in view finished and not yet folded are a 25th of the names in
-    view and at least ``compact_every``: lists rewritten that rarely cost a few hundred bytes a task at any size."""
+    The snapshot is a window of the tasklist: all of it while it is small (read again with If-None-Match:
+    304, no body, when unchanged), else about WINDOW_BYTES of it from a random place, read with a Range
+    request. The compaction keeps the names sorted, so a window's locks are one listing from its first
+    name to its last: what a window costs does not grow with the queue. Every worker walks its window in
+    order from a random start and, whenever it runs into a task someone else holds or finished, jumps to
+    a random unvisited place: workers soon work apart, each in its own stretch, and rarely touch the same
+    task. The window leaves out locked tasks (put aside as busy); its locks are listed again after two
+    misses in a row or once misses pass an eighth of the hits, and the stretch itself is read again after
+    REREAD_CLAIMS claims or once a claim found a task finished whose lock was gone (folded since). A
+    window used up, the worker reads the next one; once round the whole list without a free task, it
+    folds the finished ones (the list shrinks) and pauses. Busy tasks are taken over only once their
+    lease has run out, as the listing shows, so idle workers at the end of the queue do not knock on live
+    leases. ``compaction_due`` says when the tasks in view that are finished and not folded yet are a
+    25th of the names in view and at least ``compact_every``: lists rewritten that rarely cost a few
+    hundred bytes a task, whatever the queue's size."""
 
     REFRESH_STREAK = 2  # misses in a row that make the snapshot stale
     REFRESH_MISS_RATIO = 8  # ... or misses above hits / 8 since the last refresh
@@ -1040,6 +1056,7 @@ class TaskPicker:
         """Read the next window of the tasklist (``again``: the same stretch afresh): all of it while it is
         small, else a stretch."""
         key = self.queue.key(TASKLIST)
+        self._window_claims, self._window_stale = 0, False
         if self._window is None:  # where to start: a random place of a large list
             head = _head(self.client, self.queue.bucket, key)
             self._size = head["ContentLength"] if head else 0
@@ -1052,7 +1069,6 @@ class TaskPicker:
             self._whole, self._cycle_left = True, 0
             return
         self._whole, self._tasks_etag = False, ""
-        self._window_claims, self._window_stale = 0, False
         if again:
             self._window = parse_tasklist(_read_stretch(self.client, self.queue, self._window_start)[0])
             return
@@ -1104,10 +1120,15 @@ class TaskPicker:
     # --- claiming
 
     def _stale(self) -> bool:
-        """Whether recent misses say the snapshot is out of date (never right after a refresh)."""
-        return not self._fresh and (
-            self._streak >= self.REFRESH_STREAK
-            or (self._misses >= self.REFRESH_STREAK and self._misses * self.REFRESH_MISS_RATIO > self._hits)
+        """Whether recent misses say the snapshot is out of date (never right after a refresh, unless a
+        claim found a task finished whose lock was gone: the tasklist changed under the window)."""
+        return (
+            self._window_stale
+            or not self._fresh
+            and (
+                self._streak >= self.REFRESH_STREAK
+                or (self._misses >= self.REFRESH_STREAK and self._misses * self.REFRESH_MISS_RATIO > self._hits)
+            )
         )
 
     def _next_candidate(self) -> str:
@@ -1182,7 +1203,7 @@ class TaskPicker:
                     self._busy = self._busy if self._whole else []
                     return None
                 if not self._whole:  # round the whole list with nothing free: fold the finished ones
-                    compact(self.client, self.queue, force=True)
+                    compact(self.client, self.queue)
                 # Wait for the tasks held by others to finish or their leases to run out, then look again.
                 time.sleep(self.poll_seconds)
                 self._start_cycle()

@@ -684,9 +684,12 @@ class _FaultyS3Handler(http.server.BaseHTTPRequestHandler):
         # The emulator's own Date: leases are timed by S3's clock.
         self.send_response_only(answer.status)
         for name, value in answer.getheaders():
-            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+            # A HEAD's Content-Length is the object's (it has no body): relayed as it is.
+            if name.lower() not in ("transfer-encoding", "connection") and (
+                name.lower() != "content-length" or self.command == "HEAD"
+            ):
                 self.send_header(name, value)
-        if self.command != "HEAD":  # a HEAD's Content-Length is the object's, and it has no body
+        if self.command != "HEAD":
             self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
