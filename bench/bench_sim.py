@@ -7,7 +7,7 @@ one slot each, with bench_queue.py's XorRunner after a "processing" of --task-se
 task_queue.py and cicc_worker.py are executed afresh with a simulated ``time`` and ``threading``
 (bench/sim_clock.py): their threads (slots, prefetch, heartbeats) are real threads that run one at a
 time on a virtual clock, in an order fixed by --seed; every S3 request takes --latency of virtual time.
-Heartbeats run for real (every lease/4 of virtual time). After each run bench_queue.verify() checks that
+Heartbeats run for real (every lease/3 of virtual time). After each run bench_queue.verify() checks that
 every task was done exactly once, on the in-memory bucket.
 
 Per task it prints: S3 requests, protocol requests (less the input GET, output PUT and kernel GET),

@@ -834,12 +834,12 @@ class Worker:
             if result.exit_code != 0:
                 attempt.ended(*self._failed_run(lease, result))
                 return
-            files = self._publish(lease, dirs.output)
+            files = self._patiently(lambda: self._publish(lease, dirs.output))
             attempt.bytes_out = sum(entry["size"] for entry in files)
             attempt.output_etags = [entry["etag"] for entry in files]
             manifest = self._manifest(lease, task.staged, files, result, attempt)
-            task_queue.publish_manifest(self.client, self.queue, lease, manifest)
-            task_queue.complete(self.client, self.queue, lease, published=True)
+            self._patiently(lambda: task_queue.publish_manifest(self.client, self.queue, lease, manifest))
+            self._patiently(lambda: task_queue.complete(self.client, self.queue, lease, published=True))
             attempt.published_at = manifest["published_at"]
             attempt.ended(run_trace.DONE)
             with self._lock:
@@ -864,6 +864,20 @@ class Worker:
             self._trace(attempt)
             self.requests.charge(None)
             self._let_go(lease, task.task_dir)
+
+    def _patiently(self, step):
+        """Run a publishing step again while S3 fails in passing (an outage, throttling past the client's
+        retries): what the container made is not left to a lease that runs out, to be made again by
+        another worker. Each step is idempotent (an output or manifest already there with these bytes
+        counts as written; a mark already made is refused, not doubled). A stop does not cut the wait
+        short: the work is done."""
+        patience = Patience(self.settings.s3_patience_seconds)
+        while True:
+            try:
+                return step()
+            except Exception as error:  # noqa: BLE001 - filtered by transient()
+                if not (task_queue.transient(error) and patience.wait(error)):
+                    raise
 
     def _let_go(self, lease: task_queue.Lease, task_dir: Path) -> None:
         """The task is out of this worker's hands: its directory goes."""

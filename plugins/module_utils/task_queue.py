@@ -1082,13 +1082,17 @@ class TaskPicker:
             self._next_start = 0
 
     def _refresh(self) -> None:
-        # Locks, then the window's names: a finished task keeps its lock (as its mark) until a compaction
-        # has taken it out of the tasklist, so a task that was locked or finished when the locks were
-        # listed never looks free in this snapshot.
-        names = self._window.names if self._window else []
         if self._whole:
+            # Locks, then the tasklist: a finished task keeps its lock (as its mark) until a compaction has
+            # taken it out of the tasklist, so a task that was locked or finished when the locks were
+            # listed never looks free in this snapshot.
             self._locks = list_locks(self.client, self.queue)
+            self._read_window()
+            names = self._window.names if self._window else []
         else:
+            # A window's names come first (they say which locks to list): one folded in between looks free,
+            # and the claim that finds it finished has the stretch read again.
+            names = self._window.names if self._window else []
             self._locks = list_locks(self.client, self.queue, min(names, default=""), max(names, default=""))
         self.rejected = self._window.rejected if self._whole and self._window else self.rejected
         marks = set().union(*finished_marks(self._locks).values())
@@ -1104,13 +1108,13 @@ class TaskPicker:
         self._fresh = True
 
     def _look(self, advance: bool) -> None:
-        """List the window's locks again, first moving on to the next window (``advance``). A whole
-        tasklist is read again too if it changed, a stretch when it is dated (the compaction takes finished
-        names out of the list, and a finished mark goes at the compaction after): after REREAD_CLAIMS
-        claims, or once a claim found a task finished whose lock was gone."""
-        if advance or self._whole or self._window is None:
+        """List the window's locks again, first moving on to the next stretch (``advance``). A whole
+        tasklist is read again too if it changed, a stretch once it is dated (a compaction took finished
+        names out of the list and deleted their marks): after REREAD_CLAIMS claims, or once a claim found a
+        task finished whose lock was gone."""
+        if self._window is None or (advance and not self._whole):
             self._read_window()
-        elif self._window_stale or self._window_claims >= self.REREAD_CLAIMS:
+        elif not self._whole and (self._window_stale or self._window_claims >= self.REREAD_CLAIMS):
             self._read_window(again=True)
         self._refresh()
 
