@@ -167,13 +167,7 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 def read_job_patiently(client, settings: Settings) -> jobs.Job:
     """read_job, waiting out an S3 outage at boot rather than ending the machine over it."""
-    patience = Patience(settings.s3_patience_seconds)
-    while True:
-        try:
-            return read_job(client, settings.job)
-        except Unworkable as error:
-            if not (task_queue.transient(error.__cause__) and patience.wait(error.__cause__)):
-                raise
+    return Patience(settings.s3_patience_seconds).retry(lambda: read_job(client, settings.job))
 
 
 def read_job(client, location: str) -> jobs.Job:
@@ -264,6 +258,16 @@ class Patience:
     def reset(self) -> None:
         """S3 answered: the next outage gets the whole patience again."""
         self._since, self._waits = None, 0
+
+    def retry(self, step):
+        """step() again after each transient S3 error (or an error one caused), until patience is spent."""
+        while True:
+            try:
+                return step()
+            except Exception as error:  # noqa: BLE001 - filtered by transient()
+                cause = error if task_queue.transient(error) else error.__cause__
+                if cause is None or not task_queue.transient(cause) or not self.wait(cause):
+                    raise
 
 
 class Prefetch(threading.Thread):
@@ -871,13 +875,7 @@ class Worker:
         another worker. Each step is idempotent (an output or manifest already there with these bytes
         counts as written; a mark already made is refused, not doubled). A stop does not cut the wait
         short: the work is done."""
-        patience = Patience(self.settings.s3_patience_seconds)
-        while True:
-            try:
-                return step()
-            except Exception as error:  # noqa: BLE001 - filtered by transient()
-                if not (task_queue.transient(error) and patience.wait(error)):
-                    raise
+        return Patience(self.settings.s3_patience_seconds).retry(step)
 
     def _let_go(self, lease: task_queue.Lease, task_dir: Path) -> None:
         """The task is out of this worker's hands: its directory goes."""

@@ -936,9 +936,9 @@ def queue_status(client, queue: Queue) -> dict:
     claimed = []
     for entry in locks.values():
         found = entry.state == "held" and _get(client, queue.bucket, queue.lock_key(entry.name))
-        if not found or "finished" in _lock_content(found[0]):
+        held = _lock_content(found[0]) if found else {"finished": "gone"}
+        if "finished" in held:
             continue
-        held = json.loads(found[0])
         age = _lease_age(found[2])
         claimed.append(
             {
