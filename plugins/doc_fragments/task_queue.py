@@ -35,6 +35,21 @@ options:
     type: int
 """
 
+    # Where the queue and its trace are, for the modules that only read them (run_plan, run_report).
+    LOCATION = r"""
+options:
+  bucket:
+    description:
+      - Name of the S3 bucket that holds the queue and its trace.
+    required: true
+    type: str
+  prefix:
+    description:
+      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
+    default: ""
+    type: str
+"""
+
     # The lease that task_claim returns (RV task), as task_complete and task_release take it back
     # (LEASE_ARGUMENT_SPEC in module_utils/task_module.py).
     LEASE = r"""

@@ -41,6 +41,9 @@ OUTCOMES = (DONE, RETRIED, FAILED, GIVEN_BACK, LOST, ABANDONED)
 
 TIMES = ("claimed_at", "staged_at", "started_at", "ended_at", "published_at")
 
+# How S3 bills a request (see request_class).
+WRITE, READ, FREE = "write", "read", "free"
+
 
 @dataclass
 class Attempt:
@@ -62,6 +65,8 @@ class Attempt:
     input_etag: str = ""
     output_etags: list = field(default_factory=list)
     requests: int = 0
+    write_requests: int = 0  # of them billed as writes (PUT, POST, COPY, LIST); reads: GET, HEAD
+    read_requests: int = 0
 
     def ended(self, outcome: str, reason: str = "") -> None:
         self.outcome, self.reason = outcome, reason
@@ -98,6 +103,7 @@ class RequestCounter:
         self._lock = threading.Lock()
         self.unattributed = 0
         self.total = 0
+        self.billed = {WRITE: 0, READ: 0, FREE: 0}  # the total by how S3 bills them
 
     def attach(self, client) -> None:
         client.meta.events.register("before-send.s3", self._sent)
@@ -112,14 +118,26 @@ class RequestCounter:
             self.unattributed += attempt.requests
             attempt.requests = 0
 
-    def _sent(self, **kwargs) -> None:
+    def _sent(self, request=None, **kwargs) -> None:
         attempt = getattr(self._local, "attempt", None)
+        billed = request_class(request.method, request.url) if request is not None else FREE
         with self._lock:
             self.total += 1
+            self.billed[billed] += 1
             if attempt is None:
                 self.unattributed += 1
             else:
                 attempt.requests += 1
+                attempt.write_requests += billed == WRITE
+                attempt.read_requests += billed == READ
+
+
+def request_class(method: str, url: str) -> str:
+    """How S3 bills a request: WRITE (PUT, POST, COPY and LIST), READ (GET, HEAD), FREE (DELETE)."""
+    method = method.upper()
+    if method in ("PUT", "POST") or (method == "GET" and "list-type=" in url.partition("?")[2]):
+        return WRITE
+    return READ if method in ("GET", "HEAD") else FREE
 
 
 class TraceLog:

@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: cicc.cloud contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The modules' side of the task queue: what task_claim, task_complete, task_release and task_info share.
+"""The modules' side of the task queue: what task_claim, task_complete, task_release and task_info share (and
+run_plan and run_report, which only read the queue: where it is).
 
 Their common options (documented by the cicc.cloud.task_queue doc fragment), the task_queue.Queue and
 task_queue.Lease built from their parameters, and the failed result an error of the protocol gives.
@@ -20,9 +21,13 @@ except ImportError:
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 
-QUEUE_ARGUMENT_SPEC = dict(
+# Where the queue is (the cicc.cloud.task_queue.location doc fragment): what run_plan and run_report take.
+QUEUE_LOCATION_SPEC = dict(
     bucket=dict(type="str", required=True),
     prefix=dict(type="str", default=""),
+)
+QUEUE_ARGUMENT_SPEC = dict(
+    **QUEUE_LOCATION_SPEC,
     lease_seconds=dict(type="int", default=120),
     max_attempts=dict(type="int", default=3),
 )

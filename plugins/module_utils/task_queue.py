@@ -76,6 +76,8 @@ LEASE_BYTES = 2048
 MARKS = {"completed": b"completed\n", "failed": b"failed\n"}
 _MARK_OF_SIZE = {len(body): state for state, body in MARKS.items()}
 COMPACTION_SECONDS = 120  # a compaction's turn; one that stopped without giving it back holds it this long
+FORCED_TURN_BYTES = 256  # the size of a forced compaction's turn
+TURN_MARGIN_SECONDS = 1.0  # S3's clock and a worker's, compared as durations, may drift this much apart
 
 MAX_NAME_BYTES = 200
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -712,7 +714,7 @@ def _delete_lock(client, queue: Queue, lease: Lease) -> bool:
 # --- the lists ------------------------------------------------------------------------------------
 
 
-def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> dict:
+def compact(client, queue: Queue, force: bool = False, min_batch: int = 1, covered_since: float | None = None) -> dict:
     """Fold the finished marks into the lists: their names appended to a folded segment (folded/), taken
     out of tasklist.txt with the lines that are not names (recorded in rejected.txt), then the marks
     deleted; the segments are merged into completed.txt / failed.txt once they hold as much as the list
@@ -721,20 +723,23 @@ def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> di
     again, so people editing the tasklist lose nothing. One compaction runs at a time: with another one
     running this one is skipped ("busy"). ``force`` (a worker at its end, a person) folds any batch,
     marks the expired locks left on finished tasks, and waits for a running compaction to end, then folds
-    what that one left. Returns what moved."""
+    what that one left; unless that one is forced too and took its turn after ``covered_since`` (the
+    caller's last mark, time.monotonic()): it lists the locks after taking its turn, so it folds the
+    caller's marks (at the end of a queue, workers do not queue up to fold each other's). Returns what
+    moved."""
     moved = {"completed": 0, "failed": 0, "rejected": 0, "conflicts": 0, "locks": 0, "busy": False}
-    locks = list_locks(client, queue)
-    if sum(len(names) for names in finished_marks(locks).values()) < min_batch and not force:
-        return moved
-    turn = _compaction_turn(client, queue)
-    if turn is None and not force:
-        return {**moved, "busy": True}
-    while turn is None:
-        _wait_for_turn(client, queue)
+    if force:
+        turn = _forced_turn(client, queue, covered_since)
+        if turn is None:
+            return {**moved, "busy": True}
+        locks = list_locks(client, queue)  # after the turn: every mark written before it is in the listing
+    else:
         locks = list_locks(client, queue)
-        if not any(finished_marks(locks).values()) and not any(entry.expired for entry in locks.values()):
-            return moved  # the compaction that ran folded everything there is
+        if sum(len(names) for names in finished_marks(locks).values()) < min_batch:
+            return moved
         turn = _compaction_turn(client, queue)
+        if turn is None:
+            return {**moved, "busy": True}
     try:
         marks = finished_marks(locks)
         if force:
@@ -773,26 +778,44 @@ def _retried(edit) -> tuple:
 def _compaction_turn(client, queue: Queue) -> str | None:
     """Take the compaction's turn: the ETag of compaction.json written by us, or None while another
     compaction holds it. Looked at first (a read), so that workers finding it taken write nothing."""
-    key, body = queue.key(COMPACTION), json.dumps({"started_at": time.time()}).encode()
     for _attempt in range(3):
-        head = _head(client, queue.bucket, key)
+        head = _head(client, queue.bucket, queue.key(COMPACTION))
         if head is not None and _lease_age(head) < COMPACTION_SECONDS:
             return None
-        try:  # free, or its compaction stopped without giving the turn back
-            condition = {"IfMatch": head["ETag"]} if head else {"IfNoneMatch": "*"}
-            return _put(client, queue.bucket, key, body, **condition)
-        except Exception as error:  # noqa: BLE001
-            if not _is(error, _PRECONDITION + _MISSING):
-                raise
+        turn = _take_turn(client, queue, head, forced=False)
+        if turn is not None:
+            return turn
     return None
 
 
-def _wait_for_turn(client, queue: Queue) -> None:
-    """Wait until the running compaction ends, or its turn runs out (one HEAD a second or so)."""
+def _take_turn(client, queue: Queue, head: dict | None, forced: bool) -> str | None:
+    """Write compaction.json over what ``head`` saw (None: nothing; else a turn run out); None when someone
+    else wrote it first. A forced compaction's turn is padded to FORCED_TURN_BYTES: a HEAD tells it."""
+    body = json.dumps({"started_at": time.time(), "forced": forced}).encode()
+    body = body.ljust(FORCED_TURN_BYTES) if forced else body
+    condition = {"IfMatch": head["ETag"]} if head else {"IfNoneMatch": "*"}
+    try:
+        return _put(client, queue.bucket, queue.key(COMPACTION), body, **condition)
+    except Exception as error:  # noqa: BLE001
+        if not _is(error, _PRECONDITION + _MISSING):
+            raise
+    return None
+
+
+def _forced_turn(client, queue: Queue, covered_since: float | None) -> str | None:
+    """A forced compaction's turn, once the running compaction ends or its turn runs out (one HEAD a second
+    or so); None when the running one is forced and took its turn after ``covered_since``."""
     while True:
         head = _head(client, queue.bucket, queue.key(COMPACTION))
-        if head is None or _lease_age(head) >= COMPACTION_SECONDS:
-            return
+        live = head is not None and _lease_age(head) < COMPACTION_SECONDS
+        if live and covered_since is not None and head["ContentLength"] == FORCED_TURN_BYTES:
+            if _lease_age(head) + TURN_MARGIN_SECONDS < time.monotonic() - covered_since:
+                return None
+        if not live:
+            turn = _take_turn(client, queue, head, forced=True)
+            if turn is not None:
+                return turn
+            continue  # someone else took it: look again at once
         time.sleep(random.uniform(0.5, 1.5))
 
 
@@ -970,26 +993,62 @@ def queue_status(client, queue: Queue) -> dict:
 def check_outputs(client, queue: Queue, names) -> dict:
     """For each completed task: its manifest, and every file it lists there with the ETag it lists
     (read-only). Tasks done without a manifest (outputs made before manifests, or by hand) are
-    reported apart, not as wrong: nothing says what they should be."""
-    wrong, unrecorded = [], []
+    reported apart, not as wrong: nothing says what they should be. An output is stale when what it was
+    made from changed since: its input's or a shared file's ETag is not the one its manifest lists, or its
+    image is not the one the newest manifest names (the image the job runs now); stale outputs are
+    reported, never recomputed here."""
+    wrong, unrecorded, manifests = [], [], {}
     for name in names:
         manifest = read_manifest(client, queue, name)
         if manifest is None:
             unrecorded.append(name)
             continue
+        manifests[name] = manifest
         for entry in manifest.get("files", []):
-            try:
-                etag = client.head_object(Bucket=queue.bucket, Key=entry["key"])["ETag"]
-            except Exception as error:  # noqa: BLE001
-                if not _is(error, _MISSING):
-                    raise
+            etag = _etag_now(client, queue, entry["key"])
+            if etag is None:
                 wrong.append(f"{name}: output {entry['key']} is missing")
-                continue
-            if etag != entry.get("etag", etag):
+            elif etag != entry.get("etag", etag):
                 wrong.append(
                     f"{name}: output {entry['key']} changed since it was published ({etag}, not {entry['etag']})"
                 )
-    return {"checked": len(names) - len(unrecorded), "without_manifest": unrecorded, "wrong": wrong}
+    return {
+        "checked": len(manifests),
+        "without_manifest": unrecorded,
+        "wrong": wrong,
+        "stale": _stale_outputs(client, queue, manifests),
+    }
+
+
+def _etag_now(client, queue: Queue, key: str) -> str | None:
+    head = _head(client, queue.bucket, key)
+    return head["ETag"] if head else None
+
+
+def _stale_outputs(client, queue: Queue, manifests: dict[str, dict]) -> list[dict]:
+    """The tasks whose outputs were made from another input, shared file or image than the job's now."""
+    newest = max(manifests.values(), key=lambda manifest: manifest.get("published_at", 0), default={})
+    image_now = newest.get("image", {}).get("id", "")
+    shared_now: dict[str, str | None] = {}  # shared files are common to every task: looked at once
+    stale = []
+    for name, manifest in sorted(manifests.items()):
+        why = []
+        made_from = manifest.get("input") or {}
+        if made_from.get("key"):
+            etag = _etag_now(client, queue, made_from["key"])
+            if etag != made_from.get("etag"):
+                why.append(f"input {made_from['key']} {'is gone' if etag is None else 'changed'} since")
+        for entry in manifest.get("shared", []):
+            if entry["key"] not in shared_now:
+                shared_now[entry["key"]] = _etag_now(client, queue, entry["key"])
+            if shared_now[entry["key"]] != entry.get("etag"):
+                why.append(f"shared file {entry['key']} changed since")
+        image = manifest.get("image", {}).get("id", "")
+        if image and image_now and image != image_now:
+            why.append(f"made by image {image}, the job now runs {image_now}")
+        if why:
+            stale.append({"task": name, "why": "; ".join(why)})
+    return stale
 
 
 # --- choosing what to claim -----------------------------------------------------------------------
@@ -1006,16 +1065,18 @@ class TaskPicker:
     order from a random start and, whenever it runs into a task someone else holds or finished, jumps to
     a random unvisited place: workers soon work apart, each in its own stretch, and rarely touch the same
     task. The window leaves out locked tasks (put aside as busy); its locks are listed again after two
-    misses in a row or once misses pass an eighth of the hits, and the stretch itself is read again after
-    REREAD_CLAIMS claims or once a claim found a task finished whose lock was gone (folded since). A
-    window used up, the worker reads the next one; once round the whole list without a free task, it
+    misses in a row (four right after a listing) or once misses pass an eighth of the hits, and the
+    stretch itself is read again after REREAD_CLAIMS claims or once a claim found a task finished whose
+    lock was gone (folded since). A window used up, the worker reads the next one; once round the whole list without a free task, it
     folds the finished ones (the list shrinks) and pauses. Busy tasks are taken over only once their
     lease has run out, as the listing shows, so idle workers at the end of the queue do not knock on live
     leases. ``compaction_due`` says when the tasks in view that are finished and not folded yet are a
-    25th of the names in view and at least ``compact_every``: lists rewritten that rarely cost a few
-    hundred bytes a task, whatever the queue's size."""
+    25th of the names in view and at least ``compact_every``, times a factor from 1 to 2 each worker draws
+    (one worker folds what all of them see): lists rewritten that rarely cost a few hundred bytes a task,
+    whatever the queue's size."""
 
     REFRESH_STREAK = 2  # misses in a row that make the snapshot stale
+    FRESH_STREAK = 4  # ... right after a refresh
     REFRESH_MISS_RATIO = 8  # ... or misses above hits / 8 since the last refresh
     COMPACT_FRACTION = 25  # a compaction is due once marks reach names in view / this
     REREAD_CLAIMS = 50  # claims from one reading of a stretch, at most
@@ -1034,6 +1095,8 @@ class TaskPicker:
         self.finished: set[str] = set()
         self.rejected: list[tuple[str, str]] = []
         self.compaction_due = False
+        # Every worker sees the same marks: each its own threshold, so that one of them compacts, not all at once.
+        self._compact_spread = random.uniform(1.0, 2.0)
         self._order: list[str] = []
         self._visited = bytearray()
         self._left = self._position = 0
@@ -1098,7 +1161,8 @@ class TaskPicker:
         marks = set().union(*finished_marks(self._locks).values())
         self.finished |= marks
         unfolded = marks.intersection(names)  # a folded task's name is out of the list, its mark not yet
-        self.compaction_due = len(unfolded) >= max(self.compact_every, len(names) / self.COMPACT_FRACTION)
+        due_at = max(self.compact_every, len(names) / self.COMPACT_FRACTION) * self._compact_spread
+        self.compaction_due = len(unfolded) >= due_at
         pending = [name for name in names if name not in self.finished]
         self._order = [name for name in pending if name not in self._locks]
         self._busy = [name for name in pending if name in self._locks]
@@ -1124,15 +1188,16 @@ class TaskPicker:
     # --- claiming
 
     def _stale(self) -> bool:
-        """Whether recent misses say the snapshot is out of date (never right after a refresh, unless a
-        claim found a task finished whose lock was gone: the tasklist changed under the window)."""
-        return (
-            self._window_stale
-            or not self._fresh
-            and (
-                self._streak >= self.REFRESH_STREAK
-                or (self._misses >= self.REFRESH_STREAK and self._misses * self.REFRESH_MISS_RATIO > self._hits)
-            )
+        """Whether recent misses say the snapshot is out of date. Right after a refresh only a longer streak
+        does (workers racing for the same few free tasks: a listing costs what a refused claim does and shows
+        which are left), or a claim that found a task finished whose lock was gone (the tasklist changed under
+        the window)."""
+        if self._window_stale:
+            return True
+        if self._fresh:
+            return self._streak >= self.FRESH_STREAK
+        return self._streak >= self.REFRESH_STREAK or (
+            self._misses >= self.REFRESH_STREAK and self._misses * self.REFRESH_MISS_RATIO > self._hits
         )
 
     def _next_candidate(self) -> str:

@@ -37,7 +37,8 @@ options:
   check_outputs:
     description:
       - Check every completed task's outputs against its manifest (each file it lists there, with the ETag it lists)
-        and return the result as RV(outputs). Read-only.
+        and what they were made from (its input, the shared files and the image), and return the result as RV(outputs).
+        Read-only.
     default: false
     type: bool
 extends_documentation_fragment:
@@ -207,6 +208,14 @@ outputs:
       elements: str
       returned: always
       sample: []
+    stale:
+      description:
+        - Completed tasks whose outputs were made from another input, shared file or image than the job's now (the
+          image the newest manifest names), each with why. They are reported, never recomputed.
+      type: list
+      elements: dict
+      returned: always
+      sample: [{"task": "in3.dat", "why": "input in3.dat changed since"}]
 compacted:
   description: What the compaction moved into the lists.
   returned: when O(compact=true), outside check mode

@@ -14,6 +14,7 @@ emulator. The wall times of the three runs are printed (pytest -s shows them).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ import pytest
 import yaml
 
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
+from ansible_collections.cicc.cloud.plugins.module_utils import run_report
 from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,7 +192,7 @@ def _check_summary_outputs(s3, bucket: str, names: list[str]) -> None:
 
 
 @pytest.fixture
-def pipeline(emulator, docker_client):
+def pipeline(emulator, docker_client, tmp_path_factory):
     """A project and bucket of this test's own, the environment scripts/pipeline.sh needs, and the cleanup."""
     run_id = uuid.uuid4().hex[:8]
     project, bucket = f"e2e{run_id}", f"cicc-e2e-{run_id}"
@@ -209,6 +211,7 @@ def pipeline(emulator, docker_client):
         "cicc_bucket": bucket,
         "cicc_fleet_size": FLEET_SIZE,
         "cicc_dataset_input_size": INPUT_SIZE,
+        "cicc_report_dir": str(tmp_path_factory.mktemp("report")),
     }
     session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
     aws = {name: session.client(name, endpoint_url=emulator) for name in ("s3", "iam", "ec2")}
@@ -289,8 +292,25 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
         machine = fleet[row["instance_id"]]
         facts = (machine["InstanceType"], machine["Placement"]["AvailabilityZone"], images[0]["ImageId"], "on-demand")
         assert (row["instance_type"], row["availability_zone"], row["ami_id"], row["market"]) == facts
-    assert sorted(record["worker"] for record in run_trace.read_workers(s3, bucket, "")) == sorted(fleet)
+    records = run_trace.read_workers(s3, bucket, "")
+    assert sorted(record["worker"] for record in records) == sorted(fleet)
+    # The run's report: trace.tsv a line per attempt, the same files in the bucket, the cost from the table's price.
+    report = Path(settings["cicc_report_dir"])
+    table = list(csv.DictReader(io.StringIO((report / "trace.tsv").read_text()), delimiter="\t"))
+    assert sorted((line["task"], line["outcome"]) for line in table) == [(name, "done") for name in sorted(SEED_TASKS)]
+    for name in ("trace.tsv", "timeline.png", "report.html"):
+        assert _read(s3, bucket, f"report/{name}") == (report / name).read_bytes(), name
+    assert (report / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (report / "report.html").read_text()
+    assert all(f"<td>{name}</td>" in page for name in SEED_TASKS)
+    hourly = run_report.PRICES["instances"][REGION][workers[0]["InstanceType"]]["on-demand"]
+    machine_seconds = sum(record["stopped_at"] - record["started_at"] for record in records)
+    requests = sum(
+        record["write_requests"] * 0.005 / 1000 + record["read_requests"] * 0.0004 / 1000 for record in records
+    )
     flat = " ".join(first.stdout.split())
+    reported = re.search(r"USD ([0-9.]+) \(machines", flat)
+    assert reported and float(reported.group(1)) == pytest.approx(machine_seconds / 3600 * hourly + requests, abs=2e-6)
     assert f"verified {len(SEED_DONE) + len(SEED_TASKS)}/{len(SEED_DONE) + len(SEED_TASKS)} outputs" in flat
     assert "tasks done 10/10" in flat
     assert "s from launch until every worker had terminated" in flat
@@ -359,6 +379,33 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     assert _own_amis(ec2, project) == amis_before
     assert _keys(s3, bucket, "summary/results/in3.dat/") and not _keys(s3, bucket, "summary/job.json")
 
+    # More tasks for the XOR job: the plan, from the first run's trace, says how many machines (never more than there
+    # is work for) and about how long; the fleet launches that many, and takes about that long.
+    more = [f"in{i}.dat" for i in range(10, 14)]
+    for name in more:
+        s3.put_object(Bucket=bucket, Key=name, Body=os.urandom(INPUT_SIZE))
+    s3.put_object(Bucket=bucket, Key="tasklist.txt", Body="".join(f"{name}\n" for name in more).encode())
+    plan, _seconds = _pipeline(env, settings, "playbooks/plan.yml")
+    _ok(plan)
+    planned = re.search(
+        r"4 pending, 0 failed; (\d+) machine\(s\) of \S+, 2 task\(s\) at once each; about (\d+) s",
+        " ".join(plan.stdout.split()),
+    )
+    assert planned, plan.stdout[-3000:]
+    machines, wall = int(planned.group(1)), int(planned.group(2))
+    assert machines == 2  # ceil(4 tasks / 2 at once), not the fleet's 3
+    again, _seconds = _pipeline(env, settings, "playbooks/fleet.yml")
+    _ok(again)
+    xor_machines = [instance for instance in _instances(ec2, project) if _tag(instance, "cicc:job") == "xor"]
+    pipeline["made"]["instances"] |= {instance["InstanceId"] for instance in xor_machines}
+    assert len(xor_machines) == FLEET_SIZE + machines
+    took = float(
+        re.search(r"([0-9.]+) s from launch until every worker had terminated", " ".join(again.stdout.split())).group(1)
+    )
+    assert wall / 4 <= took <= wall * 4, f"planned {wall} s, took {took:.0f} s"
+    assert sorted(_read(s3, bucket, "completed.txt").decode().split()) == sorted(SEED_DONE + SEED_TASKS + more)
+    instances = _instances(ec2, project)
+
     # Teardown: nothing tagged is left, the bucket included.
     teardown, teardown_seconds = _pipeline(env, {**settings, "cicc_delete_bucket": True}, "playbooks/teardown.yml")
     _ok(teardown)
@@ -374,7 +421,8 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     with capsys.disabled():
         print(
             f"\nlocal pipeline: check mode {check_seconds:.0f} s, first run {first_seconds:.0f} s, "
-            f"re-run {second_seconds:.0f} s (changed=0), teardown {teardown_seconds:.0f} s"
+            f"re-run {second_seconds:.0f} s (changed=0), teardown {teardown_seconds:.0f} s; "
+            f"4 more tasks planned at {wall} s on {machines} machines, took {took:.0f} s ({took / wall:.2f}x)"
         )
 
 

@@ -307,3 +307,51 @@ def test_prefix_and_bad_names(s3, bucket):
     assert info["changed"] and info["queue"]["rejected"] == []
     assert b"../etc/passwd" in _body(s3, bucket, "q/rejected.txt")
     assert _body(s3, bucket, "q/tasklist.txt") == b"in5.dat\n"
+
+
+def _trace_run(s3, bucket: str, worker: str, started_at: float, tasks: list[str]) -> None:
+    """A worker run's trace as the worker writes it: a row per task (done in 2 s each), then its run's record."""
+    from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
+
+    common = {"job": "xor", "worker": worker, "instance_id": f"i-{worker}", "instance_type": "c4.large"}
+    common.update(availability_zone="us-east-1a", market="on-demand", image="cicc-process:latest", code_version="c0")
+    trace = run_trace.TraceLog(s3, bucket, "", worker, run_trace.run_id(started_at), common)
+    for number, name in enumerate(tasks):
+        attempt = run_trace.Attempt(name, 1, worker, write_requests=3, read_requests=4, requests=7)
+        attempt.claimed_at = attempt.staged_at = attempt.started_at = started_at + 1 + 2 * number
+        attempt.ended_at = attempt.published_at = attempt.claimed_at + 2
+        attempt.ended(run_trace.DONE)
+        trace.add(attempt)
+    trace.flush()
+    record = {**common, "run": run_trace.run_id(started_at), "started_at": started_at, "slots": 1}
+    record.update(first_claim_at=started_at + 1, last_end_at=started_at + 1 + 2 * len(tasks))
+    record.update(stopped_at=started_at + 2 + 2 * len(tasks), write_requests=50, read_requests=60, completed=len(tasks))
+    key = run_trace.worker_key("", worker, record["run"])
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(record).encode())
+
+
+def test_run_report_writes_the_report_once_and_check_mode_writes_nothing(s3, bucket, tmp_path):
+    """The report of a traced run: its files locally and in the bucket, the cost from the shipped table and the given
+    prices, check mode and a second run writing nothing, and ``since`` leaving out the runs before it."""
+    _trace_run(s3, bucket, "w-old", 1_700_000_000.0, ["in9.dat"])
+    _trace_run(s3, bucket, "w1", 1_800_000_000.0, NAMES[:2])
+    _trace_run(s3, bucket, "w2", 1_800_000_003.0, NAMES[2:])
+    dest = tmp_path / "report"
+    args = {"bucket": bucket, "dest": str(dest), "since": 1_800_000_000.0, "prices": {"date": "2027-01-01"}}
+    planned = ok("run_report", check=True, **args)
+    assert planned["changed"] and not dest.exists() and _keys(s3, bucket, "report/") == []
+    first = ok("run_report", **args)
+    files = ["report.html", "timeline.png", "trace.tsv"]
+    assert first["changed"] and sorted(path.name for path in dest.iterdir()) == files
+    assert _keys(s3, bucket, "report/") == [f"report/{name}" for name in files]
+    lines = (dest / "trace.tsv").read_text().splitlines()
+    assert len(lines) == 1 + len(NAMES) and all("in9.dat" not in line for line in lines)  # the old run left out
+    said = first["report"]
+    assert said["summary"]["tasks"] == len(NAMES) and said["summary"]["outcomes"] == {"done": len(NAMES)}
+    hourly = 0.100  # c4.large on demand in us-east-1, from the shipped table
+    machine_seconds = (2 + 2 * 2) + (2 + 2 * 1)
+    expected = machine_seconds / 3600 * hourly + 100 * 0.005 / 1000 + 120 * 0.0004 / 1000
+    assert abs(said["cost"]["usd"] - expected) < 1e-12 and said["cost"]["prices_date"] == "2027-01-01"
+    again = ok("run_report", **args)
+    assert not again["changed"] and again["files"] == []
+    assert not ok("run_report", check=True, **args)["changed"]
