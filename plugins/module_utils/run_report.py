@@ -5,9 +5,9 @@
 cost, a timeline picture and one self-contained HTML page. The run_report module reads the trace and
 writes the files; this file computes. It imports only the standard library, and matplotlib when it draws.
 
-Cost: every worker run's machine time (from its start to its stop; from the machine's boot when the record
-says it) at its instance type's hourly price in its region and market, plus the S3 requests its client
-sent at S3's price by how S3 bills them. A task's share: its attempts' time on a slot (the machine's time
+Cost: every worker run's machine time (from the worker's start to its stop: the machine's boot before it is
+not in the trace) at its instance type's hourly price in its region and market, plus the S3 requests its
+client sent at S3's price by how S3 bills them. A task's share: its attempts' time on a slot (the machine's time
 split between its slots) and the requests charged to them. Prices come from PRICES, dated, unless the caller
 gives its own (the AWS price list and spot price history, or a user's table).
 """
@@ -178,7 +178,7 @@ def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> di
         hourly = instance_price(prices, machine_region, key[0], key[1])
         if hourly is None:
             unpriced.add(f"{key[0]} ({key[1]}, {machine_region})")
-        seconds = max(record["stopped_at"] - (record.get("booted_at") or record["started_at"]), 0.0)
+        seconds = max(record["stopped_at"] - record["started_at"], 0.0)
         entry = machines.setdefault(key, {"machines": 0, "seconds": 0.0, "usd_an_hour": hourly or 0.0})
         entry["machines"] += 1
         entry["seconds"] += seconds
@@ -227,9 +227,7 @@ def summary(rows: list[dict], workers: list[dict]) -> dict:
     outcomes: dict[str, int] = {}
     for row in rows:
         outcomes[row["outcome"]] = outcomes.get(row["outcome"], 0) + 1
-    starts = [record.get("booted_at") or record["started_at"] for record in workers] + [
-        row["claimed_at"] for row in rows
-    ]
+    starts = [record["started_at"] for record in workers] + [row["claimed_at"] for row in rows]
     ends = [record["stopped_at"] for record in workers] + [row["ended_at"] for row in rows]
     return {
         "attempts": len(rows),
@@ -301,7 +299,7 @@ def timeline_png(rows: list[dict], workers: list[dict]) -> bytes:
     names = lanes(rows, workers)
     index = {name: number for number, name in enumerate(names)}
     origin = min(
-        [record.get("booted_at") or record["started_at"] for record in workers] + [row["claimed_at"] for row in rows],
+        [record["started_at"] for record in workers] + [row["claimed_at"] for row in rows],
         default=0.0,
     )
     height = min(max(2.0 + 0.25 * len(names), 3.0), 14.0)
@@ -309,7 +307,7 @@ def timeline_png(rows: list[dict], workers: list[dict]) -> bytes:
     thickness = 0.8 if len(names) <= 200 else 1.0
     for record in workers:
         worker_lanes = [number for name, number in index.items() if name == record["worker"] or _slot_of(name, record)]
-        began = (record.get("booted_at") or record["started_at"]) - origin
+        began = record["started_at"] - origin
         first = (record.get("first_claim_at") or record["stopped_at"]) - origin
         for number in worker_lanes:
             axes.broken_barh(
