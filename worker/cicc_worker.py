@@ -69,8 +69,9 @@ LOG = logging.getLogger("cicc-worker")
 EXIT_DRAINED, EXIT_ERROR, EXIT_UNWORKABLE = 0, 1, 2
 CODE_VERSION = run_trace.code_version(__file__, task_queue.__file__, jobs.__file__, run_trace.__file__)
 IMDS = "http://169.254.169.254/latest"
-# What the trace says of the machine, besides its instance id (IMDS on AWS, the identity file locally).
-MACHINE_FACTS = ("instance_type", "availability_zone", "market", "ami_id")
+# What the trace says of the machine, besides its instance id (IMDS on AWS, the identity file locally), and when
+# it was launched (its boot, from the uptime on EC2; the instance's launch time locally).
+MACHINE_FACTS = ("instance_type", "availability_zone", "market", "ami_id", "launched_at")
 # What an instance's user data may set: which job to run and how much of it, never a credential.
 USER_DATA_SETTINGS = ("job", "max_tasks", "slots", "spectator_pause")
 
@@ -1050,6 +1051,10 @@ def instance_metadata(settings: Settings, timeout: float = 2.0) -> dict:
             known[key] = _imds_get(settings, path, timeout, token)
         except OSError:  # user-data: 404 when launched without any
             pass
+    try:  # an EC2 machine is its own VM: it booted when its uptime began
+        known["launched_at"] = f"{time.time() - float(Path('/proc/uptime').read_text().split()[0]):.3f}"
+    except (OSError, ValueError, IndexError):
+        pass
     return known
 
 

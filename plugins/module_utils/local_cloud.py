@@ -412,12 +412,15 @@ def _user_data(run: _Pass, instance_id: str) -> str:
 
 
 def _instance_facts(run: _Pass, instance_id: str) -> dict:
-    """What IMDS would say of the instance besides its id: type, zone and market (spot or on-demand)."""
+    """What IMDS would say of the instance besides its id: type, zone and market (spot or on-demand); and when
+    it was launched (seconds since the epoch), which an EC2 machine knows from its uptime."""
     instance = run.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+    launched = instance.get("LaunchTime")
     return {
         "instance_type": instance.get("InstanceType", ""),
         "availability_zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
         "market": "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+        "launched_at": f"{launched.timestamp():.3f}" if launched else "",
     }
 
 

@@ -5,11 +5,11 @@
 cost, a timeline picture and one self-contained HTML page. The run_report module reads the trace and
 writes the files; this file computes. It imports only the standard library, and matplotlib when it draws.
 
-Cost: every worker run's machine time (from the worker's start to its stop: the machine's boot before it is
-not in the trace) at its instance type's hourly price in its region and market, plus the S3 requests its
-client sent at S3's price by how S3 bills them. A task's share: its attempts' time on a slot (the machine's time
-split between its slots) and the requests charged to them. Prices come from PRICES, dated, unless the caller
-gives its own (the AWS price list and spot price history, or a user's table).
+Cost: every worker run's machine time (from the machine's launch, when the record says it, else the worker's
+start, to the worker's stop) at its instance type's hourly price in its region and market, plus the S3
+requests its client sent at S3's price by how S3 bills them. A task's share: its attempts' time on a slot
+(the machine's time split between its slots) and the requests charged to them. Prices come from PRICES,
+dated, unless the caller gives its own (the AWS price list and spot price history, or a user's table).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ COLOURS = {
     "lost": "#6a1b9a",
     "abandoned": "#616161",
 }
-BOOT_COLOUR, IDLE_COLOUR = "#b0bec5", "#eceff1"
+BOOT_COLOUR, START_COLOUR, IDLE_COLOUR = "#78909c", "#b0bec5", "#eceff1"
 
 
 def merged_prices(overrides: dict | None = None) -> dict:
@@ -178,9 +178,9 @@ def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> di
         hourly = instance_price(prices, machine_region, key[0], key[1])
         if hourly is None:
             unpriced.add(f"{key[0]} ({key[1]}, {machine_region})")
-        seconds = max(record["stopped_at"] - record["started_at"], 0.0)
-        entry = machines.setdefault(key, {"machines": 0, "seconds": 0.0, "usd_an_hour": hourly or 0.0})
-        entry["machines"] += 1
+        seconds = max(record["stopped_at"] - began(record, workers), 0.0)
+        entry = machines.setdefault(key, {"machines": set(), "seconds": 0.0, "usd_an_hour": hourly or 0.0})
+        entry["machines"].add(record.get("instance_id") or record["worker"])
         entry["seconds"] += seconds
         per_slot_second[record["worker"]] = (hourly or 0.0) / 3600 / max(record.get("slots", 1), 1)
         requests["write"] += record.get("write_requests", 0)
@@ -198,7 +198,7 @@ def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> di
             "instance_type": instance_type,
             "market": market,
             "region": machine_region,
-            "machines": entry["machines"],
+            "machines": len(entry["machines"]),
             "seconds": round(entry["seconds"], 3),
             "usd_an_hour": entry["usd_an_hour"],
             "usd": entry["seconds"] / 3600 * entry["usd_an_hour"],
@@ -222,12 +222,24 @@ def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> di
     }
 
 
+def began(record: dict, workers: list[dict]) -> float:
+    """When a worker run's machine time began: the machine's launch (its boot) when known, else the worker's
+    start; a later run of the worker on the same machine from its own start (the machine's time is counted once)."""
+    launched = float(record.get("launched_at") or 0.0)
+    earlier = any(
+        other["started_at"] < record["started_at"] and other.get("instance_id") == record.get("instance_id")
+        for other in workers
+        if other.get("instance_id")
+    )
+    return launched if 0 < launched <= record["started_at"] and not earlier else record["started_at"]
+
+
 def summary(rows: list[dict], workers: list[dict]) -> dict:
     """Counts by outcome, tasks, machines and slots, the wall time and the failures with their reasons."""
     outcomes: dict[str, int] = {}
     for row in rows:
         outcomes[row["outcome"]] = outcomes.get(row["outcome"], 0) + 1
-    starts = [record["started_at"] for record in workers] + [row["claimed_at"] for row in rows]
+    starts = [began(record, workers) for record in workers] + [row["claimed_at"] for row in rows]
     ends = [record["stopped_at"] for record in workers] + [row["ended_at"] for row in rows]
     return {
         "attempts": len(rows),
@@ -289,7 +301,7 @@ def lanes(rows: list[dict], workers: list[dict]) -> list[str]:
 
 def timeline_png(rows: list[dict], workers: list[dict]) -> bytes:
     """The timeline picture (PNG): a lane per worker slot, a bar per attempt from its claim to its end coloured
-    by outcome (lighter while its input was staged), and each machine's boot and idle time in its lanes."""
+    by outcome (lighter while its input was staged), and each machine's boot, start and idle time in its lanes."""
     import matplotlib  # the controller's only drawing dependency: imported when a picture is drawn
 
     matplotlib.use("Agg")
@@ -299,7 +311,7 @@ def timeline_png(rows: list[dict], workers: list[dict]) -> bytes:
     names = lanes(rows, workers)
     index = {name: number for number, name in enumerate(names)}
     origin = min(
-        [record["started_at"] for record in workers] + [row["claimed_at"] for row in rows],
+        [began(record, workers) for record in workers] + [row["claimed_at"] for row in rows],
         default=0.0,
     )
     height = min(max(2.0 + 0.25 * len(names), 3.0), 14.0)
@@ -307,12 +319,12 @@ def timeline_png(rows: list[dict], workers: list[dict]) -> bytes:
     thickness = 0.8 if len(names) <= 200 else 1.0
     for record in workers:
         worker_lanes = [number for name, number in index.items() if name == record["worker"] or _slot_of(name, record)]
-        began = record["started_at"] - origin
+        booted, began_work = began(record, workers) - origin, record["started_at"] - origin
         first = (record.get("first_claim_at") or record["stopped_at"]) - origin
         for number in worker_lanes:
-            axes.broken_barh(
-                [(began, first - began)], (number - thickness / 2, thickness), color=BOOT_COLOUR, linewidth=0
-            )
+            lane = (number - thickness / 2, thickness)
+            axes.broken_barh([(booted, began_work - booted)], lane, color=BOOT_COLOUR, linewidth=0)
+            axes.broken_barh([(began_work, first - began_work)], lane, color=START_COLOUR, linewidth=0)
             axes.broken_barh(
                 [(first, record["stopped_at"] - origin - first)],
                 (number - thickness / 2, thickness),
@@ -335,11 +347,12 @@ def timeline_png(rows: list[dict], workers: list[dict]) -> bytes:
     else:
         axes.set_yticks([])
         axes.set_ylabel(f"{len(names)} worker slots")
-    axes.set_xlabel("seconds since the first machine started")
+    axes.set_xlabel("seconds since the first machine was launched")
     axes.grid(axis="x", linewidth=0.3)
     legend = [Patch(color=colour, label=outcome) for outcome, colour in COLOURS.items()]
-    legend += [Patch(color=BOOT_COLOUR, label="start, before the first claim"), Patch(color=IDLE_COLOUR, label="idle")]
-    figure.legend(handles=legend, loc="outside lower center", ncol=8, fontsize=8, frameon=False)
+    legend += [Patch(color=BOOT_COLOUR, label="boot"), Patch(color=START_COLOUR, label="start, before the first claim")]
+    legend.append(Patch(color=IDLE_COLOUR, label="idle"))
+    figure.legend(handles=legend, loc="outside lower center", ncol=9, fontsize=8, frameon=False)
     axes.set_title(f"{len(rows)} attempts on {len(names)} slots")
     out = io.BytesIO()
     figure.savefig(out, format="png", metadata={"Software": None})
@@ -460,12 +473,17 @@ def plan(
     expected wall time and cost, and for a deadline the fleet size that meets it. ``machine``: instance_type,
     market, region, the job's cpus and memory_mib, max_tasks (a machine's task limit, 0: none) and slots (0: from
     the trace, else from INSTANCE_SIZES). A task's time is the median of the earlier done attempts' (the
-    trace), else ``task_seconds``; a machine's start, launch to first claim: ``start_seconds`` (launch to the
-    worker's start) plus the worker's start to its first claim, from the trace."""
+    trace), else ``task_seconds``; a machine's start, launch to first claim, the median of the trace's, else
+    ``start_seconds`` (launch to the worker's start) plus the worker's start to its first claim."""
     done = [row["ended_at"] - row["claimed_at"] for row in rows if row["outcome"] == "done"]
     per_task, source = (statistics.median(done), "trace") if done else (task_seconds, "given" if task_seconds else "")
-    starts = [record["first_claim_at"] - record["started_at"] for record in workers if record.get("first_claim_at")]
-    start = start_seconds + (statistics.median(starts) if starts else 0.0)
+    claimed = [record for record in workers if record.get("first_claim_at")]
+    booted = [record["first_claim_at"] - began(record, workers) for record in claimed if record.get("launched_at")]
+    started = [record["first_claim_at"] - record["started_at"] for record in claimed]
+    if booted:  # launch to first claim, as the trace measured it
+        start = statistics.median(booted)
+    else:
+        start = start_seconds + (statistics.median(started) if started else 0.0)
     slots = machine.get("slots") or _slots(machine, workers)
     at_once = min(slots, machine.get("max_tasks") or slots)  # tasks a machine works on at a time
     machines = min(fleet_size, math.ceil(pending / at_once)) if pending else 0

@@ -178,8 +178,10 @@ def test_instance_image_fleet_and_termination(cloud):
     container = cloud.container(base)
     assert container.labels[lc.LABEL_INSTANCE] == base and container.labels[lc.LABEL_AMI] == ubuntu
     identity = json.loads(cloud.sh(base, f"cat {lc.IDENTITY_PATH}"))
-    zone = cloud.ec2.describe_instances(InstanceIds=[base])["Reservations"][0]["Instances"][0]["Placement"]
+    described = cloud.ec2.describe_instances(InstanceIds=[base])["Reservations"][0]["Instances"][0]
+    zone = described["Placement"]
     facts = {"instance_type": "c4.large", "availability_zone": zone["AvailabilityZone"], "market": "on-demand"}
+    facts["launched_at"] = f"{described['LaunchTime'].timestamp():.3f}"  # what an EC2 machine's uptime tells
     assert identity == {"instance_id": base, "ami_id": ubuntu, "region": REGION, "user_data": "", **facts}
     assert facts["availability_zone"].startswith(REGION)
     assert (

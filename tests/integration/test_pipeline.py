@@ -304,7 +304,10 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     page = (report / "report.html").read_text()
     assert all(f"<td>{name}</td>" in page for name in SEED_TASKS)
     hourly = run_report.PRICES["instances"][REGION][workers[0]["InstanceType"]]["on-demand"]
-    machine_seconds = sum(record["stopped_at"] - record["started_at"] for record in records)
+    # Each machine's time from its launch (EC2's LaunchTime, which its identity carries) to its worker's stop.
+    launched = {worker["InstanceId"]: worker["LaunchTime"].timestamp() for worker in workers}
+    assert all(abs(float(record["launched_at"]) - launched[record["instance_id"]]) < 0.01 for record in records)
+    machine_seconds = sum(record["stopped_at"] - launched[record["instance_id"]] for record in records)
     requests = sum(
         record["write_requests"] * 0.005 / 1000 + record["read_requests"] * 0.0004 / 1000 for record in records
     )

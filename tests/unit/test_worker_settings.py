@@ -51,6 +51,7 @@ def test_no_user_data_changes_nothing(settings) -> None:
 def test_identity_file_gives_instance_and_user_data(worker_module, settings, tmp_path) -> None:
     identity = tmp_path / "identity.json"
     facts = {"instance_type": "c4.large", "availability_zone": "us-east-1a", "market": "spot", "ami_id": "ami-1"}
+    facts["launched_at"] = "1800000000.000"
     identity.write_text(json.dumps({"instance_id": "i-0123", "user_data": '{"max_tasks": 2}', **facts}))
     settings.identity_file = str(identity)
     assert worker_module.instance_metadata(settings) == {

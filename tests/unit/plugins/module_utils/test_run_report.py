@@ -209,3 +209,18 @@ def test_the_plan_without_a_trace_uses_the_given_time_and_meets_a_deadline():
     assert given["deadline_machines"] == 5  # 10 rounds fit in 600 s: 100 tasks need 5 machines of 2 slots
     too_soon = run_report.plan(100, [], [], prices, MACHINE, 4, task_seconds=60, deadline_seconds=90)
     assert too_soon["deadline_machines"] is None  # not even one round fits
+
+
+def test_a_machine_costs_from_its_launch_once(run):
+    """With its launch time known, a machine's time runs from its launch (its boot shows in the picture and the
+    plan); a second run of the worker on the same machine counts from its own start, not from the launch again."""
+    rows, workers = run
+    workers[0]["launched_at"] = f"{T0 - 20:.3f}"  # w1's machine booted 20 s before its worker started
+    again = _worker("w1", 31, 35, slots=2, launched_at=f"{T0 - 20:.3f}")
+    prices = run_report.merged_prices()
+    cost = run_report.cost(rows, workers + [again], prices, "us-east-1")
+    on_demand = next(entry for entry in cost["machines"] if entry["market"] == "on-demand")
+    assert on_demand["machines"] == 1 and on_demand["seconds"] == pytest.approx(50 + 4)
+    planned = run_report.plan(5, rows, workers, prices, MACHINE, fleet_size=10, start_seconds=99)
+    assert planned["start_seconds"] == pytest.approx(21)  # w1: launch to first claim (w2's launch is not known)
+    assert run_report.summary(rows, workers)["wall_seconds"] == pytest.approx(60)
