@@ -549,9 +549,6 @@ class Worker:
         self.started_at = time.time()
         self.trace: run_trace.TraceLog | None = None
         self._first_claim_at = self._last_end_at = 0.0
-        # When this worker last wrote a lock that may be a finished mark now: a forced compaction that took
-        # its turn after that folds this worker's marks, so its own last one is not needed.
-        self._last_mark_at = time.monotonic()
 
     @property
     def log_key(self) -> str:
@@ -595,7 +592,7 @@ class Worker:
                 self.spot_watch.stop()
         for line, reason in self._rejected:
             LOG.warning("tasklist line %r rejected: %s (recorded in rejected.txt)", line, reason)
-        self._compact(force=True, covered_since=self._last_mark_at)
+        self._compact(force=True)
         stopped = self.stop_reason or ("task limit reached" if self._at_limit() else "queue drained")
         LOG.info(
             "%s: %d completed, %d failed by %s in %.1f s",
@@ -625,7 +622,6 @@ class Worker:
 
     def _trace(self, attempt: run_trace.Attempt) -> None:
         attempt.ended_at = attempt.ended_at or time.time()  # not run (or not to its end): ended now
-        self._last_mark_at = time.monotonic()
         with self._lock:
             self._first_claim_at = min(self._first_claim_at or attempt.claimed_at, attempt.claimed_at)
             self._last_end_at = max(self._last_end_at, attempt.ended_at)
@@ -782,7 +778,6 @@ class Worker:
                 return Claimed(lease, task_dir, heartbeat, staged, attempt)
             return None
         finally:
-            self._last_mark_at = time.monotonic()  # a claim may have marked a task found finished
             if not attempt.task:  # nothing claimed: the tries were the worker's
                 self.requests.unattribute(attempt)
             self.requests.charge(None)

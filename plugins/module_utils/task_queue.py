@@ -76,8 +76,6 @@ LEASE_BYTES = 2048
 MARKS = {"completed": b"completed\n", "failed": b"failed\n"}
 _MARK_OF_SIZE = {len(body): state for state, body in MARKS.items()}
 COMPACTION_SECONDS = 120  # a compaction's turn; one that stopped without giving it back holds it this long
-FORCED_TURN_BYTES = 256  # the size of a forced compaction's turn
-TURN_MARGIN_SECONDS = 1.0  # S3's clock and a worker's, compared as durations, may drift this much apart
 
 MAX_NAME_BYTES = 200
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -714,7 +712,7 @@ def _delete_lock(client, queue: Queue, lease: Lease) -> bool:
 # --- the lists ------------------------------------------------------------------------------------
 
 
-def compact(client, queue: Queue, force: bool = False, min_batch: int = 1, covered_since: float | None = None) -> dict:
+def compact(client, queue: Queue, force: bool = False, min_batch: int = 1) -> dict:
     """Fold the finished marks into the lists: their names appended to a folded segment (folded/), taken
     out of tasklist.txt with the lines that are not names (recorded in rejected.txt), then the marks
     deleted; the segments are merged into completed.txt / failed.txt once they hold as much as the list
@@ -723,23 +721,20 @@ def compact(client, queue: Queue, force: bool = False, min_batch: int = 1, cover
     again, so people editing the tasklist lose nothing. One compaction runs at a time: with another one
     running this one is skipped ("busy"). ``force`` (a worker at its end, a person) folds any batch,
     marks the expired locks left on finished tasks, and waits for a running compaction to end, then folds
-    what that one left; unless that one is forced too and took its turn after ``covered_since`` (the
-    caller's last mark, time.monotonic()): it lists the locks after taking its turn, so it folds the
-    caller's marks (at the end of a queue, workers do not queue up to fold each other's). Returns what
-    moved."""
+    what that one left. Returns what moved."""
     moved = {"completed": 0, "failed": 0, "rejected": 0, "conflicts": 0, "locks": 0, "busy": False}
-    if force:
-        turn = _forced_turn(client, queue, covered_since)
-        if turn is None:
-            return {**moved, "busy": True}
-        locks = list_locks(client, queue)  # after the turn: every mark written before it is in the listing
-    else:
+    locks = list_locks(client, queue)
+    if sum(len(names) for names in finished_marks(locks).values()) < min_batch and not force:
+        return moved
+    turn = _compaction_turn(client, queue)
+    if turn is None and not force:
+        return {**moved, "busy": True}
+    while turn is None:
+        _wait_for_turn(client, queue)
         locks = list_locks(client, queue)
-        if sum(len(names) for names in finished_marks(locks).values()) < min_batch:
-            return moved
+        if not any(finished_marks(locks).values()) and not any(entry.expired for entry in locks.values()):
+            return moved  # the compaction that ran folded everything there is
         turn = _compaction_turn(client, queue)
-        if turn is None:
-            return {**moved, "busy": True}
     try:
         marks = finished_marks(locks)
         if force:
@@ -778,44 +773,26 @@ def _retried(edit) -> tuple:
 def _compaction_turn(client, queue: Queue) -> str | None:
     """Take the compaction's turn: the ETag of compaction.json written by us, or None while another
     compaction holds it. Looked at first (a read), so that workers finding it taken write nothing."""
+    key, body = queue.key(COMPACTION), json.dumps({"started_at": time.time()}).encode()
     for _attempt in range(3):
-        head = _head(client, queue.bucket, queue.key(COMPACTION))
+        head = _head(client, queue.bucket, key)
         if head is not None and _lease_age(head) < COMPACTION_SECONDS:
             return None
-        turn = _take_turn(client, queue, head, forced=False)
-        if turn is not None:
-            return turn
+        try:  # free, or its compaction stopped without giving the turn back
+            condition = {"IfMatch": head["ETag"]} if head else {"IfNoneMatch": "*"}
+            return _put(client, queue.bucket, key, body, **condition)
+        except Exception as error:  # noqa: BLE001
+            if not _is(error, _PRECONDITION + _MISSING):
+                raise
     return None
 
 
-def _take_turn(client, queue: Queue, head: dict | None, forced: bool) -> str | None:
-    """Write compaction.json over what ``head`` saw (None: nothing; else a turn run out); None when someone
-    else wrote it first. A forced compaction's turn is padded to FORCED_TURN_BYTES: a HEAD tells it."""
-    body = json.dumps({"started_at": time.time(), "forced": forced}).encode()
-    body = body.ljust(FORCED_TURN_BYTES) if forced else body
-    condition = {"IfMatch": head["ETag"]} if head else {"IfNoneMatch": "*"}
-    try:
-        return _put(client, queue.bucket, queue.key(COMPACTION), body, **condition)
-    except Exception as error:  # noqa: BLE001
-        if not _is(error, _PRECONDITION + _MISSING):
-            raise
-    return None
-
-
-def _forced_turn(client, queue: Queue, covered_since: float | None) -> str | None:
-    """A forced compaction's turn, once the running compaction ends or its turn runs out (one HEAD a second
-    or so); None when the running one is forced and took its turn after ``covered_since``."""
+def _wait_for_turn(client, queue: Queue) -> None:
+    """Wait until the running compaction ends, or its turn runs out (one HEAD a second or so)."""
     while True:
         head = _head(client, queue.bucket, queue.key(COMPACTION))
-        live = head is not None and _lease_age(head) < COMPACTION_SECONDS
-        if live and covered_since is not None and head["ContentLength"] == FORCED_TURN_BYTES:
-            if _lease_age(head) + TURN_MARGIN_SECONDS < time.monotonic() - covered_since:
-                return None
-        if not live:
-            turn = _take_turn(client, queue, head, forced=True)
-            if turn is not None:
-                return turn
-            continue  # someone else took it: look again at once
+        if head is None or _lease_age(head) >= COMPACTION_SECONDS:
+            return
         time.sleep(random.uniform(0.5, 1.5))
 
 

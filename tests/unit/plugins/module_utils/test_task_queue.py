@@ -405,27 +405,6 @@ def test_one_compaction_at_a_time(s3, queue, tmp_path):
     assert _keys(s3, queue.bucket, tq.COMPACTION) == []
 
 
-def test_a_forced_compaction_leaves_the_end_to_one_that_started_after_its_last_mark(s3, queue, tmp_path):
-    """A worker at its end does not wait to fold its marks when a forced compaction took its turn after its last
-    mark (that one lists the locks after taking it); a forced turn taken before the mark, or one in passing, is
-    waited for, and the worker folds its mark itself."""
-    _seed(s3, queue, ["in1.dat"])
-    lease = tq.claim(s3, queue, "in1.dat", "w1")
-    assert _publish(s3, queue, lease, b"result", tmp_path)
-    tq.complete(s3, queue, lease)
-    marked_at = time.monotonic()
-    time.sleep(2.5)  # the mark, then (more than the clocks' margin later) another worker's forced turn
-    forced = tq._take_turn(s3, queue, None, forced=True)
-    assert tq.compact(s3, queue, force=True, covered_since=marked_at)["busy"]
-    assert _keys(s3, queue.bucket, "locks/") == ["locks/in1.dat"]  # left to the turn's holder: nothing written
-    ended = threading.Timer(1.5, lambda: tq._end_turn(s3, queue, forced))
-    ended.start()
-    moved = tq.compact(s3, queue, force=True, covered_since=time.monotonic())  # marked after the turn: waits
-    ended.join()
-    assert moved["completed"] == 1 and _body(s3, queue.bucket, "completed.txt") == b"in1.dat\n"
-    assert _keys(s3, queue.bucket, "locks/") == [] and _keys(s3, queue.bucket, tq.COMPACTION) == []
-
-
 def test_outputs_made_from_another_input_shared_file_or_image_are_reported_stale(s3, queue, tmp_path):
     """check_outputs says which outputs were made from what is no longer the job's: an input changed since, a
     shared file changed since, an image other than the newest manifest's; the outputs themselves are left as
