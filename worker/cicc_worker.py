@@ -200,7 +200,7 @@ def machine_slots(job: jobs.Job, limit: int = 0) -> int:
     memory over the job's memory_mib (the smaller), at least 1, at most ``limit`` when given."""
     vcpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
-    slots = max(1, min(int(vcpus // job.cpus), int(memory_mib // job.memory_mib)))
+    slots = jobs.slots_for(job.cpus, job.memory_mib, vcpus, memory_mib)
     return min(slots, limit) if limit else slots
 
 

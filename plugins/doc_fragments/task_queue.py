@@ -9,20 +9,10 @@ __metaclass__ = type
 
 
 class ModuleDocFragment:
-    # Where the S3 work queue lives and its rules, shared by the task modules
+    # The S3 work queue's rules, shared by the task modules (with LOCATION, where it lives)
     # (task_claim, task_complete, task_release, task_info; argument_spec in module_utils/task_module.py).
     DOCUMENTATION = r"""
 options:
-  bucket:
-    description:
-      - Name of the S3 bucket that holds the queue.
-    required: true
-    type: str
-  prefix:
-    description:
-      - Prefix of the queue's keys in O(bucket), as is (include the trailing C(/) for a folder).
-    default: ""
-    type: str
   lease_seconds:
     description:
       - Length of a lease in seconds.
@@ -35,7 +25,7 @@ options:
     type: int
 """
 
-    # Where the queue and its trace are, for the modules that only read them (run_plan, run_report).
+    # Where the queue and its trace are: every module of the queue takes it (run_plan and run_report only it).
     LOCATION = r"""
 options:
   bucket:

@@ -1119,6 +1119,12 @@ class Job:
 # --- the reference -------------------------------------------------------------------------------------
 
 
+def slots_for(cpus: float, memory_mib: int, machine_vcpus: int, machine_memory_mib: int) -> int:
+    """How many tasks needing ``cpus`` and ``memory_mib`` a machine of that size runs at once: the smaller of
+    its vCPUs over cpus and its memory over memory_mib, at least 1 (the worker, and the plan before a launch)."""
+    return max(1, min(int(machine_vcpus // cpus), int(machine_memory_mib // memory_mib)))
+
+
 def _cell(text: str) -> str:
     """Plain text in a Markdown table cell: no column breaks, no emphasis, no HTML tags."""
     return text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;").replace("\n", " ")

@@ -3,7 +3,8 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The run's report, computed from its trace (run_trace.py): a row per attempt (trace.tsv), what the run
 cost, a timeline picture and one self-contained HTML page. The run_report module reads the trace and
-writes the files; this file computes. It imports only the standard library, and matplotlib when it draws.
+writes the files; this file computes. Besides the collection's run_trace and job, it imports only the
+standard library, and matplotlib when it draws.
 
 Cost: every worker run's machine time (from the machine's launch, when the record says it, else the worker's
 start, to the worker's stop) at its instance type's hourly price in its region and market, plus the S3
@@ -20,6 +21,10 @@ import io
 import math
 import statistics
 import time
+
+from ansible_collections.cicc.cloud.plugins.module_utils import job
+from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
+from ansible_collections.cicc.cloud.plugins.module_utils.run_trace import TIMES
 
 # USD an hour for a Linux instance, and USD a request for S3 Standard, by region. On-demand from the AWS
 # price list; spot a typical price in that region's zones (spot prices move: read the history for a bill).
@@ -113,15 +118,14 @@ TSV_FIELDS = (
     "read_requests",
     "cost_usd",
 )
-TIMES = ("claimed_at", "staged_at", "started_at", "ended_at", "published_at")
 # Bar colours of the timeline by outcome (run_trace's OUTCOMES), and of a machine's time outside attempts.
 COLOURS = {
-    "done": "#2e7d32",
-    "retried": "#f9a825",
-    "failed": "#c62828",
-    "given back": "#1565c0",
-    "lost": "#6a1b9a",
-    "abandoned": "#616161",
+    run_trace.DONE: "#2e7d32",
+    run_trace.RETRIED: "#f9a825",
+    run_trace.FAILED: "#c62828",
+    run_trace.GIVEN_BACK: "#1565c0",
+    run_trace.LOST: "#6a1b9a",
+    run_trace.ABANDONED: "#616161",
 }
 BOOT_COLOUR, START_COLOUR, IDLE_COLOUR = "#78909c", "#b0bec5", "#eceff1"
 
@@ -164,6 +168,14 @@ def _request_prices(prices: dict, region: str) -> dict:
     return table.get(region) or table["us-east-1"]
 
 
+def _requests_usd(counted: dict, request_price: dict) -> float:
+    """What S3 bills for the requests ``counted`` ("write_requests" and "read_requests", a row's or a record's)."""
+    return (
+        counted.get("write_requests", 0) * request_price["write"]
+        + counted.get("read_requests", 0) * request_price["read"]
+    )
+
+
 def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> dict:
     """What the run cost: machine time by instance type and market, S3 requests by how S3 bills them, the
     bytes moved; each row's share goes into its "cost_usd". Machines the table has no price for are listed
@@ -172,13 +184,13 @@ def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> di
     per_slot_second: dict[str, float] = {}
     unpriced = set()
     requests = {"write": 0, "read": 0}
-    for record in workers:
+    for record, began in zip(workers, machine_starts(workers)):
         machine_region = region_of(record.get("availability_zone", ""), region)
         key = (record.get("instance_type") or "unknown", record.get("market") or "on-demand", machine_region)
         hourly = instance_price(prices, machine_region, key[0], key[1])
         if hourly is None:
             unpriced.add(f"{key[0]} ({key[1]}, {machine_region})")
-        seconds = max(record["stopped_at"] - began(record, workers), 0.0)
+        seconds = max(record["stopped_at"] - began, 0.0)
         entry = machines.setdefault(key, {"machines": set(), "seconds": 0.0, "usd_an_hour": hourly or 0.0})
         entry["machines"].add(record.get("instance_id") or record["worker"])
         entry["seconds"] += seconds
@@ -188,11 +200,7 @@ def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> di
     request_price = _request_prices(prices, region)
     for row in rows:
         busy = max(row["ended_at"] - row["claimed_at"], 0.0)
-        row["cost_usd"] = (
-            busy * per_slot_second.get(row["worker"], 0.0)
-            + row.get("write_requests", 0) * request_price["write"]
-            + row.get("read_requests", 0) * request_price["read"]
-        )
+        row["cost_usd"] = busy * per_slot_second.get(row["worker"], 0.0) + _requests_usd(row, request_price)
     by_type = [
         {
             "instance_type": instance_type,
@@ -205,7 +213,7 @@ def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> di
         }
         for (instance_type, market, machine_region), entry in sorted(machines.items())
     ]
-    s3_usd = requests["write"] * request_price["write"] + requests["read"] * request_price["read"]
+    s3_usd = sum(_requests_usd(record, request_price) for record in workers)
     machines_usd = sum(entry["usd"] for entry in by_type)
     return {
         "usd": machines_usd + s3_usd,
@@ -222,16 +230,19 @@ def cost(rows: list[dict], workers: list[dict], prices: dict, region: str) -> di
     }
 
 
-def began(record: dict, workers: list[dict]) -> float:
-    """When a worker run's machine time began: the machine's launch (its boot) when known, else the worker's
-    start; a later run of the worker on the same machine from its own start (the machine's time is counted once)."""
-    launched = float(record.get("launched_at") or 0.0)
-    earlier = any(
-        other["started_at"] < record["started_at"] and other.get("instance_id") == record.get("instance_id")
-        for other in workers
-        if other.get("instance_id")
-    )
-    return launched if 0 < launched <= record["started_at"] and not earlier else record["started_at"]
+def machine_starts(workers: list[dict]) -> list[float]:
+    """When each worker run's machine time began: the machine's launch (its boot) when known, else the worker's
+    start; a later run of the worker on the same machine from its own start (the machine's time counted once)."""
+    first = {}
+    for record in workers:
+        machine = record.get("instance_id") or id(record)
+        first[machine] = min(first.get(machine, record["started_at"]), record["started_at"])
+    starts = []
+    for record in workers:
+        launched = float(record.get("launched_at") or 0.0)
+        earliest = first[record.get("instance_id") or id(record)] == record["started_at"]
+        starts.append(launched if earliest and 0 < launched <= record["started_at"] else record["started_at"])
+    return starts
 
 
 def summary(rows: list[dict], workers: list[dict]) -> dict:
@@ -239,7 +250,7 @@ def summary(rows: list[dict], workers: list[dict]) -> dict:
     outcomes: dict[str, int] = {}
     for row in rows:
         outcomes[row["outcome"]] = outcomes.get(row["outcome"], 0) + 1
-    starts = [began(record, workers) for record in workers] + [row["claimed_at"] for row in rows]
+    starts = machine_starts(workers) + [row["claimed_at"] for row in rows]
     ends = [record["stopped_at"] for record in workers] + [row["ended_at"] for row in rows]
     return {
         "attempts": len(rows),
@@ -252,7 +263,7 @@ def summary(rows: list[dict], workers: list[dict]) -> dict:
         "failures": [
             {"task": row["task"], "attempt": row["attempt"], "outcome": row["outcome"], "reason": row["reason"]}
             for row in rows
-            if row["outcome"] not in ("done", "given back")
+            if row["outcome"] not in (run_trace.DONE, run_trace.GIVEN_BACK)
         ],
     }
 
@@ -311,15 +322,15 @@ def timeline_png(rows: list[dict], workers: list[dict]) -> bytes:
     names = lanes(rows, workers)
     index = {name: number for number, name in enumerate(names)}
     origin = min(
-        [began(record, workers) for record in workers] + [row["claimed_at"] for row in rows],
+        machine_starts(workers) + [row["claimed_at"] for row in rows],
         default=0.0,
     )
     height = min(max(2.0 + 0.25 * len(names), 3.0), 14.0)
     figure, axes = pyplot.subplots(figsize=(11, height), dpi=100, layout="constrained")
     thickness = 0.8 if len(names) <= 200 else 1.0
-    for record in workers:
+    for record, launched in zip(workers, machine_starts(workers)):
         worker_lanes = [number for name, number in index.items() if name == record["worker"] or _slot_of(name, record)]
-        booted, began_work = began(record, workers) - origin, record["started_at"] - origin
+        booted, began_work = launched - origin, record["started_at"] - origin
         first = (record.get("first_claim_at") or record["stopped_at"]) - origin
         for number in worker_lanes:
             lane = (number - thickness / 2, thickness)
@@ -335,7 +346,7 @@ def timeline_png(rows: list[dict], workers: list[dict]) -> bytes:
         number = index[row["slot"] or row["worker"]]
         claimed, ended = row["claimed_at"] - origin, row["ended_at"] - origin
         started = (row.get("started_at") or row["claimed_at"]) - origin
-        colour = COLOURS.get(row["outcome"], COLOURS["abandoned"])
+        colour = COLOURS.get(row["outcome"], COLOURS[run_trace.ABANDONED])
         axes.broken_barh(
             [(claimed, max(started - claimed, 0.0))], (number - thickness / 2, thickness), color=colour, alpha=0.45
         )
@@ -373,13 +384,10 @@ def _table(headers: list[str], body: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{lines}</tbody></table>"
 
 
-def html_page(
-    title: str, rows: list[dict], workers: list[dict], costs: dict, png: bytes, settings: dict, outputs: dict
-) -> str:
-    """The report as one self-contained HTML page: summary, failures, stale outputs (``outputs``: what
-    task_queue.check_outputs found, when the caller checked), cost, the timeline, every attempt, and the run's
-    settings and versions."""
-    facts = summary(rows, workers)
+def html_page(title: str, rows: list[dict], facts: dict, costs: dict, png: bytes, settings: dict, outputs: dict) -> str:
+    """The report as one self-contained HTML page: the summary (``facts``, what summary() says), failures, stale
+    outputs (``outputs``: what task_queue.check_outputs found, when the caller checked), cost, the timeline, every
+    attempt, and the run's settings and versions."""
     outcome_line = ", ".join(f"{count} {outcome}" for outcome, count in facts["outcomes"].items()) or "none"
     overview = _table(
         ["", ""],
@@ -475,11 +483,14 @@ def plan(
     the trace, else from INSTANCE_SIZES). A task's time is the median of the earlier done attempts' (the
     trace), else ``task_seconds``; a machine's start, launch to first claim, the median of the trace's, else
     ``start_seconds`` (launch to the worker's start) plus the worker's start to its first claim."""
-    done = [row["ended_at"] - row["claimed_at"] for row in rows if row["outcome"] == "done"]
-    per_task, source = (statistics.median(done), "trace") if done else (task_seconds, "given" if task_seconds else "")
-    claimed = [record for record in workers if record.get("first_claim_at")]
-    booted = [record["first_claim_at"] - began(record, workers) for record in claimed if record.get("launched_at")]
-    started = [record["first_claim_at"] - record["started_at"] for record in claimed]
+    done = [row for row in rows if row["outcome"] == run_trace.DONE]
+    times = [row["ended_at"] - row["claimed_at"] for row in done]
+    per_task, source = (statistics.median(times), "trace") if done else (task_seconds, "given" if task_seconds else "")
+    claimed = [
+        (record, began) for record, began in zip(workers, machine_starts(workers)) if record.get("first_claim_at")
+    ]
+    booted = [record["first_claim_at"] - began for record, began in claimed if record.get("launched_at")]
+    started = [record["first_claim_at"] - record["started_at"] for record, _began in claimed]
     if booted:  # launch to first claim, as the trace measured it
         start = statistics.median(booted)
     else:
@@ -501,16 +512,7 @@ def plan(
     wall = start + rounds * per_task
     hourly = instance_price(prices, machine["region"], machine["instance_type"], machine["market"]) or 0.0
     request_price = _request_prices(prices, machine["region"])
-    traced = [row for row in rows if row["outcome"] == "done"]
-    per_task_requests = (
-        sum(
-            row.get("write_requests", 0) * request_price["write"] + row.get("read_requests", 0) * request_price["read"]
-            for row in traced
-        )
-        / len(traced)
-        if traced
-        else 0.0
-    )
+    per_task_requests = sum(_requests_usd(row, request_price) for row in done) / len(done) if done else 0.0
     answer.update(
         wall_seconds=round(wall, 1),
         usd=machines * wall / 3600 * hourly + pending * per_task_requests,
@@ -528,7 +530,8 @@ def _slots(machine: dict, workers: list[dict]) -> int:
     seen = [record.get("slots", 1) for record in workers if record.get("instance_type") == machine["instance_type"]]
     if seen:
         return max(seen)
-    vcpus, memory_mib = INSTANCE_SIZES.get(machine["instance_type"], (1, 0))
-    if not memory_mib:
+    if machine["instance_type"] not in INSTANCE_SIZES:
         return 1
-    return max(1, min(int(vcpus // machine.get("cpus", 1)), int(memory_mib // machine.get("memory_mib", 1))))
+    return job.slots_for(
+        machine.get("cpus", 1), machine.get("memory_mib", 1), *INSTANCE_SIZES[machine["instance_type"]]
+    )

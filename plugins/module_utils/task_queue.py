@@ -982,7 +982,7 @@ def check_outputs(client, queue: Queue, names) -> dict:
             continue
         manifests[name] = manifest
         for entry in manifest.get("files", []):
-            etag = _etag_now(client, queue, entry["key"])
+            etag = object_etag(client, queue.bucket, entry["key"])
             if etag is None:
                 wrong.append(f"{name}: output {entry['key']} is missing")
             elif etag != entry.get("etag", etag):
@@ -997,8 +997,9 @@ def check_outputs(client, queue: Queue, names) -> dict:
     }
 
 
-def _etag_now(client, queue: Queue, key: str) -> str | None:
-    head = _head(client, queue.bucket, key)
+def object_etag(client, bucket: str, key: str) -> str | None:
+    """The object's ETag as S3 gives it (quoted), or None when it does not exist (read-only)."""
+    head = _head(client, bucket, key)
     return head["ETag"] if head else None
 
 
@@ -1012,12 +1013,12 @@ def _stale_outputs(client, queue: Queue, manifests: dict[str, dict]) -> list[dic
         why = []
         made_from = manifest.get("input") or {}
         if made_from.get("key"):
-            etag = _etag_now(client, queue, made_from["key"])
+            etag = object_etag(client, queue.bucket, made_from["key"])
             if etag != made_from.get("etag"):
                 why.append(f"input {made_from['key']} {'is gone' if etag is None else 'changed'} since")
         for entry in manifest.get("shared", []):
             if entry["key"] not in shared_now:
-                shared_now[entry["key"]] = _etag_now(client, queue, entry["key"])
+                shared_now[entry["key"]] = object_etag(client, queue.bucket, entry["key"])
             if shared_now[entry["key"]] != entry.get("etag"):
                 why.append(f"shared file {entry['key']} changed since")
         image = manifest.get("image", {}).get("id", "")
@@ -1044,8 +1045,8 @@ class TaskPicker:
     task. The window leaves out locked tasks (put aside as busy); its locks are listed again after two
     misses in a row (four right after a listing) or once misses pass an eighth of the hits, and the
     stretch itself is read again after REREAD_CLAIMS claims or once a claim found a task finished whose
-    lock was gone (folded since). A window used up, the worker reads the next one; once round the whole list without a free task, it
-    folds the finished ones (the list shrinks) and pauses. Busy tasks are taken over only once their
+    lock was gone (folded since). A window used up, the worker reads the next one; once round the whole
+    list without a free task, it folds the finished ones (the list shrinks) and pauses. Busy tasks are taken over only once their
     lease has run out, as the listing shows, so idle workers at the end of the queue do not knock on live
     leases. ``compaction_due`` says when the tasks in view that are finished and not folded yet are a
     25th of the names in view and at least ``compact_every``, times a factor from 1 to 2 each worker draws

@@ -140,8 +140,9 @@ from ansible.module_utils.basic import missing_required_lib
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 from ansible_collections.cicc.cloud.plugins.module_utils import run_report
-from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_LOCATION_SPEC
 from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
+from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_LOCATION_SPEC
 
 WORKER_FIELDS = ("worker", "instance_id", "instance_type", "market", "started_at", "stopped_at", "completed", "failed")
 WORKER_FIELDS += ("stop_reason",)
@@ -153,14 +154,15 @@ def build(rows, workers, params, region):
     cost = run_report.cost(rows, workers, prices, region)
     picture = run_report.timeline_png(rows, workers)
     title = params["title"] or f"cicc.cloud run report: s3://{params['bucket']}/{params['prefix']}"
-    page = run_report.html_page(title, rows, workers, cost, picture, params["settings"], params["outputs"])
+    facts = run_report.summary(rows, workers)
+    page = run_report.html_page(title, rows, facts, cost, picture, params["settings"], params["outputs"])
     files = {
         "trace.tsv": run_report.trace_tsv(rows).encode(),
         "timeline.png": picture,
         "report.html": page.encode(),
     }
     said = {
-        "summary": run_report.summary(rows, workers),
+        "summary": facts,
         "cost": cost,
         "workers": [{field: record.get(field) for field in WORKER_FIELDS} for record in workers],
     }
@@ -180,17 +182,11 @@ def _same_file(path, body):
 
 
 def bucket_changes(client, bucket, prefix, files):
-    changed = set()
-    for name, body in files.items():
-        try:
-            etag = client.head_object(Bucket=bucket, Key=f"{prefix}report/{name}")["ETag"].strip('"')
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-                raise
-            etag = ""
-        if etag != hashlib.md5(body).hexdigest():
-            changed.add(name)
-    return changed
+    return {
+        name
+        for name, body in files.items()
+        if task_queue.object_etag(client, bucket, f"{prefix}report/{name}") != f'"{hashlib.md5(body).hexdigest()}"'
+    }
 
 
 CONTENT_TYPES = {"trace.tsv": "text/tab-separated-values", "timeline.png": "image/png", "report.html": "text/html"}

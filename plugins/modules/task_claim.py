@@ -55,6 +55,7 @@ options:
     type: str
 extends_documentation_fragment:
   - cicc.cloud.attributes
+  - cicc.cloud.task_queue.location
   - cicc.cloud.task_queue
   - amazon.aws.common.modules
   - amazon.aws.region.modules

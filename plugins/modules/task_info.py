@@ -43,6 +43,7 @@ options:
     type: bool
 extends_documentation_fragment:
   - cicc.cloud.attributes
+  - cicc.cloud.task_queue.location
   - cicc.cloud.task_queue
   - amazon.aws.common.modules
   - amazon.aws.region.modules

@@ -43,6 +43,7 @@ options:
     type: str
 extends_documentation_fragment:
   - cicc.cloud.attributes
+  - cicc.cloud.task_queue.location
   - cicc.cloud.task_queue
   - cicc.cloud.task_queue.lease
   - amazon.aws.common.modules

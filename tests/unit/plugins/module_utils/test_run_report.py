@@ -167,7 +167,8 @@ def test_the_page_holds_every_task_the_failures_the_cost_and_the_picture(run):
     cost = run_report.cost(rows, workers, run_report.merged_prices(), "us-east-1")
     png = run_report.timeline_png(rows, workers)
     outputs = {"checked": 3, "stale": [{"task": "in2.dat", "why": "input in2.dat changed since"}], "wrong": []}
-    page = run_report.html_page("run <1>", rows, workers, cost, png, {"job": "xor", "fleet_size": 2}, outputs)
+    facts = run_report.summary(rows, workers)
+    page = run_report.html_page("run <1>", rows, facts, cost, png, {"job": "xor", "fleet_size": 2}, outputs)
     parsed = _Page()
     parsed.feed(page)
     assert {"in0.dat", "in1.dat", "in2.dat"} <= set(parsed.cells)
@@ -175,7 +176,6 @@ def test_the_page_holds_every_task_the_failures_the_cost_and_the_picture(run):
     assert "input in2.dat changed since" in parsed.cells  # the stale output, with why
     assert parsed.images == ["data:image/png;base64," + __import__("base64").b64encode(png).decode()]
     assert "<title>run &lt;1&gt;</title>" in page and f"{cost['usd']:.6f}" in page
-    facts = run_report.summary(rows, workers)
     assert facts["tasks"] == 3 and facts["attempts"] == 4 and facts["outcomes"] == {"done": 3, "retried": 1}
     assert facts["machines"] == 2 and facts["slots"] == 3 and facts["wall_seconds"] == pytest.approx(40.0)
     assert [failure["task"] for failure in facts["failures"]] == ["in1.dat"]
