@@ -74,6 +74,8 @@ IMDS = "http://169.254.169.254/latest"
 MACHINE_FACTS = ("instance_type", "availability_zone", "market", "ami_id", "launched_at")
 # What an instance's user data may set: which job to run and how much of it, never a credential.
 USER_DATA_SETTINGS = ("job", "max_tasks", "slots", "spectator_pause")
+# What a manifest says of each output; "replaced": the ETag of the object a recompute replaced.
+FILE_FIELDS = ("name", "key", "size", "etag", "replaced")
 
 
 class TaskError(Exception):
@@ -458,8 +460,8 @@ class ProcessRunner:
 
 
 class Heartbeat(threading.Thread):
-    """Renews a lease every third of the lease until stopped (two chances before it runs out); notes when
-    the lease was lost."""
+    """Renews a lease every third of the lease until stopped, a failed renewal again within seconds (so
+    throttling does not let the lease run out between two tries); notes when the lease was lost."""
 
     def __init__(self, client, queue: task_queue.Queue, lease: task_queue.Lease, charge=lambda: None) -> None:
         super().__init__(daemon=True)
@@ -470,15 +472,18 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         self._charge()
-        while not self._halt.wait(self.lease.lease_seconds / 3):
+        period = pause = self.lease.lease_seconds / 3
+        while not self._halt.wait(pause):
             try:
                 task_queue.renew(self.client, self.queue, self.lease)
+                pause = period
             except task_queue.LeaseLost as error:
                 LOG.warning("%s", error)
                 self.lost.set()
                 return
             except Exception as error:  # noqa: BLE001 - a passing S3 error must not kill the heartbeat
                 LOG.warning("heartbeat for %s failed, retrying: %s", self.lease.name, error)
+                pause = min(period, random.uniform(1.0, 2.0))
 
     def stop(self) -> None:
         """Stop renewing (idempotent)."""
@@ -832,6 +837,10 @@ class Worker:
         try:
             if self._interrupted():  # the stop came while the task waited for its turn
                 raise TaskError(self.stop_reason)
+            # A task claimed ahead may have waited out an outage: run it only on a lease still this worker's.
+            self._patiently(lambda: task_queue.ensure_live(self.client, self.queue, lease))
+            if heartbeat.lost.is_set():
+                raise task_queue.LeaseLost(f"lease on {lease.name} lost before it ran")
             attempt.started_at = time.time()
             result = self.runner.run(self.job, lease.name, dirs, self.image_id)
             attempt.ended_at, attempt.exit_code = time.time(), result.exit_code
@@ -939,7 +948,7 @@ class Worker:
             "image": {"name": self.job.image_name, "id": self.image_id},
             "command": self.job.argv(lease.name),
             "exit_code": result.exit_code,
-            "files": [{key: entry[key] for key in ("name", "key", "size", "etag")} for entry in files],
+            "files": [{key: entry[key] for key in FILE_FIELDS if key in entry} for entry in files],
             **{name: round(getattr(attempt, name), 3) for name in run_trace.TIMES[:4]},
             "published_at": round(time.time(), 3),
         }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import statistics
 import time
@@ -150,6 +151,60 @@ def merged_prices(overrides: dict | None = None) -> dict:
         else:
             prices[key] = value
     return prices
+
+
+# --- prices read from AWS: the Price List API (on-demand) and the spot price history of the run's zones ---
+
+PRICE_LIST_REGION = "us-east-1"  # where the Price List API answers; it prices every region
+
+
+def price_list_filters(region: str, instance_type: str) -> list[dict]:
+    """The Price List API's filters for a Linux instance on shared tenancy, on demand, in ``region``."""
+    fields = {
+        "instanceType": instance_type,
+        "regionCode": region,
+        "operatingSystem": "Linux",
+        "tenancy": "Shared",
+        "preInstalledSw": "NA",
+        "capacitystatus": "Used",
+        "licenseModel": "No License required",
+    }
+    return [{"Type": "TERM_MATCH", "Field": field, "Value": value} for field, value in fields.items()]
+
+
+def on_demand_price(price_list: list[str]) -> float | None:
+    """USD an hour from the Price List API's products (JSON strings): the first on-demand hourly price above 0."""
+    for product in price_list:
+        for term in json.loads(product).get("terms", {}).get("OnDemand", {}).values():
+            for dimension in term.get("priceDimensions", {}).values():
+                usd = float(dimension.get("pricePerUnit", {}).get("USD", 0) or 0)
+                if usd > 0 and dimension.get("unit", "Hrs").startswith("Hr"):
+                    return usd
+    return None
+
+
+def spot_price(history: list[dict], since: float, until: float) -> float | None:
+    """USD an hour a spot machine paid on average over [since, until] (seconds since the epoch): a price holds
+    from its Timestamp until the zone's next one; each zone's prices averaged over the window's time, then the
+    zones averaged. None when the history has no price in force in the window."""
+    by_zone: dict[str, list[tuple[float, float]]] = {}
+    for point in history:
+        stamp = point["Timestamp"]
+        at = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+        by_zone.setdefault(point.get("AvailabilityZone", ""), []).append((at, float(point["SpotPrice"])))
+    means = []
+    for points in by_zone.values():
+        points = sorted(point for point in points if point[0] <= until)
+        spans = [
+            (min(following, until) - max(at, since), price)
+            for (at, price), following in zip(points, [at for at, dummy in points[1:]] + [until])
+        ]
+        spent = sum(span for span, dummy in spans if span > 0)
+        if spent:
+            means.append(sum(span * price for span, price in spans if span > 0) / spent)
+        elif points:  # a window of no length: the price in force then
+            means.append(points[-1][1])
+    return sum(means) / len(means) if means else None
 
 
 def region_of(zone: str, default: str) -> str:

@@ -20,6 +20,7 @@ Keys, all under the queue prefix P:
   P compaction.json           held by the one compaction running (a short lease of its own)
   P failed/<name>.json        the failed record: reason and attempts, kept for good
   P manifests/<name>.json     what the task published (keys, sizes, ETags) and how: the mark of a task done
+  P superseded/<name>/<t>.json  a manifest whose outputs are made again on request (recompute()), kept
 
 A lock's size tells a listing what it is without reading it: a finished mark, or a lease and its length,
 so that with LastModified and the listing's Date a worker knows which leases ran out.
@@ -37,6 +38,8 @@ reason - never both, never neither, never twice. Why it holds:
 - the outputs and then the manifest are written before the task is marked finished, each with
   If-None-Match:*, so nothing published is ever overwritten; a task whose manifest exists is
   finished, not recomputed, and a task with no manifest is not done (whatever outputs it left).
+  Only when a person asks for a task to be made again (recompute()) does its manifest move aside, and
+  then an output is replaced only if it is the very object (If-Match on the ETag) that manifest lists.
 - finishing a task costs one write, its lock turned into its finished mark; compact() (one at a time)
   folds the marks into the lists in batches with If-Match on every list, re-reading on conflict, and
   only then deletes them. Once the queue is drained the lists are exact.
@@ -147,6 +150,9 @@ class Queue:
 
     def manifest_key(self, name: str) -> str:
         return f"{self.prefix}manifests/{name}.json"
+
+    def superseded_key(self, name: str, stamp: str = "") -> str:
+        return f"{self.prefix}superseded/{name}/{stamp}"
 
 
 @dataclass
@@ -615,13 +621,35 @@ def publish_file(client, queue: Queue, lease: Lease, key: str, path) -> dict:
             raise
     # Read the file again only then: an upload is one read of it.
     head, md5 = client.head_object(Bucket=queue.bucket, Key=key), _md5(path)
-    if head["ETag"].strip('"') != md5:
+    if head["ETag"].strip('"') == md5:
+        return {"key": key, "size": size, "etag": head["ETag"], "existing": True}
+    if (key, head["ETag"]) not in superseded_outputs(client, queue, lease.name):
         raise OutputConflict(
             f"output s3://{queue.bucket}/{key} exists with other content than task {lease.name} produced "
-            f"(ETag {head['ETag']}, this attempt's MD5 {md5}): it is not overwritten; remove it, or publish the "
-            "job under another outputs prefix"
+            f"(ETag {head['ETag']}, this attempt's MD5 {md5}): it is not overwritten; remove it, publish the "
+            "job under another outputs prefix, or ask for the task to be recomputed"
         )
-    return {"key": key, "size": size, "etag": head["ETag"], "existing": True}
+    with open(path, "rb") as body:  # made again on request: exactly the object its old manifest lists
+        etag = _put(client, queue.bucket, key, body, IfMatch=head["ETag"])
+    return {"key": key, "size": size, "etag": etag, "existing": False, "replaced": head["ETag"]}
+
+
+def superseded_manifests(client, queue: Queue, name: str) -> list[dict]:
+    """The task's manifests set aside by recompute(), oldest first (read-only)."""
+    found = []
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=queue.bucket, Prefix=queue.superseded_key(name))
+    for page in pages:
+        for item in page.get("Contents", []):
+            body = _get(client, queue.bucket, item["Key"])
+            found += [json.loads(body[0])] if body else []
+    return found
+
+
+def superseded_outputs(client, queue: Queue, name: str) -> set[tuple[str, str]]:
+    """(key, ETag) of every output the task's superseded manifests list: what a new attempt may replace."""
+    return {
+        (entry["key"], entry["etag"]) for old in superseded_manifests(client, queue, name) for entry in old["files"]
+    }
 
 
 def publish_manifest(client, queue: Queue, lease: Lease, manifest: dict) -> bool:
@@ -767,7 +795,7 @@ def _retried(edit) -> tuple:
             if not _is(error, _PRECONDITION + _CONFLICT):
                 raise
             _backoff(attempt)
-    raise QueueError("the lists kept changing under compaction; try again")
+    raise QueueError("the queue's lists kept changing while they were edited; try again")
 
 
 def _compaction_turn(client, queue: Queue) -> str | None:
@@ -879,12 +907,7 @@ def _merge_folded(client, queue: Queue, force: bool) -> None:
         head = _head(client, queue.bucket, queue.key(list_name)) if items and not force else None
         if not items or (head and sum(item["Size"] for item in items) < head["ContentLength"]):
             continue
-        raw, cond = _read_list(client, queue, list_name)
-        present = parse_tasklist(raw).names
-        merged = list(dict.fromkeys(present + _folded_names(client, queue, items)))
-        if len(merged) > len(present):
-            body = raw if raw.endswith(b"\n") or not raw else raw + b"\n"
-            _put(client, queue.bucket, queue.key(list_name), body + _lines(merged[len(present) :]), **cond)
+        _append_names(client, queue, list_name, _folded_names(client, queue, items))
         keys = [{"Key": item["Key"]} for item in items]
         for first in range(0, len(keys), 1000):
             client.delete_objects(Bucket=queue.bucket, Delete={"Objects": keys[first : first + 1000], "Quiet": True})
@@ -907,22 +930,67 @@ def add_tasks(client, queue: Queue, names: list[str], check_mode: bool = False) 
     """Append to tasklist.txt the names it does not list and that are not finished (completed or
     failed, folded or marked), with If-Match on the list as every list edit. Returns the names
     added (in check mode: that would be)."""
-    for attempt in range(20):
-        raw, condition = _read_list(client, queue, TASKLIST)
-        known = set(parse_tasklist(raw).names).union(*finished_tasks(client, queue).values())
-        new = [name for name in dict.fromkeys(names) if name not in known]
-        if not new or check_mode:
-            return new
-        body = raw if raw.endswith(b"\n") or not raw else raw + b"\n"
-        try:
-            _put(client, queue.bucket, queue.key(TASKLIST), body + _lines(new), **condition)
-        except Exception as error:  # noqa: BLE001
-            if not _is(error, _PRECONDITION + _CONFLICT):
-                raise
-            _backoff(attempt)
+    finished = frozenset().union(*finished_tasks(client, queue).values())
+    if check_mode:
+        listed = parse_tasklist(_read_list(client, queue, TASKLIST)[0]).names
+        return [name for name in dict.fromkeys(names) if name not in finished.union(listed)]
+    return _retried(lambda: _append_names(client, queue, TASKLIST, names, known=finished))[0]
+
+
+def recompute(client, queue: Queue, names, check_mode: bool = False) -> list[str]:
+    """Queue completed tasks again so that their outputs are made anew (stale ones, when a person asks):
+    each manifest moves to superseded/<task>/ (kept: how the old outputs were made, and the only outputs
+    the next attempt may replace), then, with every finished mark folded, the name goes back into
+    tasklist.txt and out of completed.txt (If-Match on each list, in the compaction's turn). A task done
+    without a manifest is left alone (nothing says which outputs are its own); one whose manifest was set
+    aside already (a recompute cut short) is queued. Returns the names queued (in check mode: would be)."""
+    chosen = []
+    for name in sorted(set(names)):
+        manifest = read_manifest(client, queue, name)
+        if manifest is None and not superseded_manifests(client, queue, name):
             continue
-        return new
-    raise QueueError("tasklist.txt kept changing while tasks were added; try again")
+        chosen.append(name)
+        if manifest is not None and not check_mode:
+            stamp = f"{manifest.get('published_at', 0):017.6f}.json"
+            found = _get(client, queue.bucket, queue.manifest_key(name))
+            try:
+                _put(client, queue.bucket, queue.superseded_key(name, stamp), found[0], IfNoneMatch="*")
+            except Exception as error:  # noqa: BLE001 - set aside already (a recompute cut short)
+                if not _is(error, _PRECONDITION):
+                    raise
+            client.delete_object(Bucket=queue.bucket, Key=queue.manifest_key(name), IfMatch=found[1])
+    if not chosen or check_mode:
+        return chosen
+    compact(client, queue, force=True)  # a completed mark left on a task would make its claim find it finished
+    turn = _compaction_turn(client, queue)
+    while turn is None:
+        _wait_for_turn(client, queue)
+        turn = _compaction_turn(client, queue)
+    try:  # queued first: cut short in between, the task is listed twice for a while, never lost
+        _retried(lambda: _append_names(client, queue, TASKLIST, chosen))
+        _retried(lambda: _drop_completed(client, queue, set(chosen)))
+    finally:
+        _end_turn(client, queue, turn)
+    return chosen
+
+
+def _append_names(client, queue: Queue, list_name: str, names: list[str], known=frozenset()) -> list[str]:
+    """Append to a list the names it (and ``known``) does not hold, If-Match on what was read; returns them."""
+    raw, condition = _read_list(client, queue, list_name)
+    present = known.union(parse_tasklist(raw).names)
+    new = [name for name in dict.fromkeys(names) if name not in present]
+    if new:
+        body = raw if raw.endswith(b"\n") or not raw else raw + b"\n"
+        _put(client, queue.bucket, queue.key(list_name), body + _lines(new), **condition)
+    return new
+
+
+def _drop_completed(client, queue: Queue, names: set[str]) -> None:
+    raw, condition = _read_list(client, queue, COMPLETED)
+    listed = parse_tasklist(raw)
+    if names.intersection(listed.names):
+        kept = [name for name in listed.names if name not in names]
+        _put(client, queue.bucket, queue.key(COMPLETED), _lines(listed.comments + kept), **condition)
 
 
 # --- reading the state ----------------------------------------------------------------------------
@@ -967,13 +1035,13 @@ def queue_status(client, queue: Queue) -> dict:
     }
 
 
-def check_outputs(client, queue: Queue, names) -> dict:
+def check_outputs(client, queue: Queue, names, image_id: str = "") -> dict:
     """For each completed task: its manifest, and every file it lists there with the ETag it lists
     (read-only). Tasks done without a manifest (outputs made before manifests, or by hand) are
     reported apart, not as wrong: nothing says what they should be. An output is stale when what it was
     made from changed since: its input's or a shared file's ETag is not the one its manifest lists, or its
-    image is not the one the newest manifest names (the image the job runs now); stale outputs are
-    reported, never recomputed here."""
+    image is not ``image_id`` (the job's pinned digest), else the one the newest manifest names (the image
+    the job runs now); stale outputs are reported, never recomputed here (recompute() does, on request)."""
     wrong, unrecorded, manifests = [], [], {}
     for name in names:
         manifest = read_manifest(client, queue, name)
@@ -993,7 +1061,7 @@ def check_outputs(client, queue: Queue, names) -> dict:
         "checked": len(manifests),
         "without_manifest": unrecorded,
         "wrong": wrong,
-        "stale": _stale_outputs(client, queue, manifests),
+        "stale": _stale_outputs(client, queue, manifests, image_id),
     }
 
 
@@ -1003,10 +1071,10 @@ def object_etag(client, bucket: str, key: str) -> str | None:
     return head["ETag"] if head else None
 
 
-def _stale_outputs(client, queue: Queue, manifests: dict[str, dict]) -> list[dict]:
+def _stale_outputs(client, queue: Queue, manifests: dict[str, dict], image_now: str = "") -> list[dict]:
     """The tasks whose outputs were made from another input, shared file or image than the job's now."""
     newest = max(manifests.values(), key=lambda manifest: manifest.get("published_at", 0), default={})
-    image_now = newest.get("image", {}).get("id", "")
+    image_now = image_now or newest.get("image", {}).get("id", "")
     shared_now: dict[str, str | None] = {}  # shared files are common to every task: looked at once
     stale = []
     for name, manifest in sorted(manifests.items()):

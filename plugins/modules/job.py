@@ -21,6 +21,8 @@ description:
   - With O(state=present) it writes the job, normalised, to C(<prefix>job.json) in the job's bucket (the key a fleet
     machine's user data names), and, for a job whose task names come from its inputs (C(tasks.source=inputs)), adds
     to the queue's C(tasklist.txt) the inputs that match C(tasks.pattern) and are neither listed nor finished.
+  - A task whose output is stale (made from an input or shared file that changed since, or by another image than
+    the job's) is reported by M(cicc.cloud.task_info) and made again only on request, O(recompute_stale=true).
   - With O(state=absent) it removes C(<prefix>job.json); the queue, the outputs and their manifests stay.
   - O(validate_only=true) checks the job and returns it normalised without reaching S3 at all.
 author:
@@ -42,6 +44,15 @@ options:
       - Only check the job and return it normalised; nothing is read or written.
     type: bool
     default: false
+  recompute_stale:
+    description:
+      - Queue again the completed tasks whose outputs are stale, so that the next fleet makes them anew. Each one's
+        manifest is kept under C(<prefix>superseded/<task>/) (how the old outputs were made), and only the outputs
+        that manifest lists, as it lists them (same ETag), may then be replaced. Outputs without a manifest are never
+        touched.
+      - The image the job runs is the job's O(job) C(image.digest) when it gives one, else the newest manifest's.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - cicc.cloud.attributes
   - amazon.aws.common.modules
@@ -61,6 +72,11 @@ EXAMPLES = r"""
   cicc.cloud.job:
     job: "{{ cicc_job }}"
   register: job
+
+- name: Make again the outputs whose inputs changed since
+  cicc.cloud.job:
+    job: "{{ cicc_job }}"
+    recompute_stale: true
 
 - name: Say where the machines find it
   ansible.builtin.debug:
@@ -89,6 +105,12 @@ tasks_added:
   type: list
   elements: str
   sample: [in3.dat, in4.dat]
+tasks_recomputed:
+  description: The stale tasks queued again, with why (in check mode, that would be); empty unless O(recompute_stale=true).
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"task": "in1.dat", "why": "input in1.dat changed since"}]
 """
 
 import json
@@ -168,11 +190,23 @@ def queue_inputs(client, module, job):
     return task_queue.add_tasks(client, queue, names, check_mode=module.check_mode)
 
 
+def recompute_stale(client, module, job):
+    """The completed tasks whose outputs are stale (or were set aside by a recompute cut short), queued again."""
+    queue = task_queue.Queue(job.bucket, job.prefix, max_attempts=job.attempts, input_prefix=job.input_prefix)
+    completed = task_queue.queue_status(client, queue)["completed_tasks"]
+    outputs = task_queue.check_outputs(client, queue, completed, image_id=job.image_digest)
+    why = {entry["task"]: entry["why"] for entry in outputs["stale"]}
+    why.update({name: "set aside by an earlier recompute" for name in outputs["without_manifest"]})
+    queued = task_queue.recompute(client, queue, why, check_mode=module.check_mode)
+    return [{"task": name, "why": why[name]} for name in queued]
+
+
 def main():
     argument_spec = dict(
         job=dict(type="dict", required=True),
         state=dict(type="str", choices=["present", "absent"], default="present"),
         validate_only=dict(type="bool", default=False),
+        recompute_stale=dict(type="bool", default=False),
     )
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
 
@@ -186,6 +220,7 @@ def main():
         "location": f"s3://{job.bucket}/{job.job_key}",
         "ecr_repository_arn": ecr_repository_arn(job),
         "tasks_added": [],
+        "tasks_recomputed": [],
     }
     if module.params["validate_only"]:
         module.exit_json(**result)
@@ -200,8 +235,10 @@ def main():
             result["changed"] = remove_job(client, module, job)
         else:
             result["changed"] = put_job(client, module, job)
+            if module.params["recompute_stale"]:
+                result["tasks_recomputed"] = recompute_stale(client, module, job)
             result["tasks_added"] = queue_inputs(client, module, job)
-            result["changed"] = result["changed"] or bool(result["tasks_added"])
+            result["changed"] = result["changed"] or bool(result["tasks_added"] or result["tasks_recomputed"])
     except task_queue.QueueError as e:
         module.fail_json(msg=str(e))
     except (BotoCoreError, ClientError) as e:

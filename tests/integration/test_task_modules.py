@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+from conftest import xor_job
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
@@ -355,3 +356,38 @@ def test_run_report_writes_the_report_once_and_check_mode_writes_nothing(s3, buc
     again = ok("run_report", **args)
     assert not again["changed"] and again["files"] == []
     assert not ok("run_report", check=True, **args)["changed"]
+
+
+def test_the_job_module_queues_stale_tasks_again_only_when_asked(s3, queue_bucket, make_worker, inline_runner):
+    """After a run, a changed input's task is queued again by the job module only with recompute_stale (check
+    mode says so and writes nothing); asked twice, it is queued once."""
+    assert make_worker(inline_runner).run() == 0 and sorted(inline_runner.runs) == NAMES
+    s3.put_object(Bucket=queue_bucket, Key="in1.dat", Body=b"changed")
+    job = xor_job(queue_bucket).as_dict()
+    assert ok("job", job=job)["tasks_recomputed"] == []
+    snapshot = _snapshot(s3, queue_bucket)
+    expected = [{"task": "in1.dat", "why": "input in1.dat changed since"}]
+    predicted = ok("job", check=True, job=job, recompute_stale=True)
+    assert predicted["changed"] and predicted["tasks_recomputed"] == expected
+    assert _snapshot(s3, queue_bucket) == snapshot
+    done = ok("job", job=job, recompute_stale=True)
+    assert done["changed"] and done["tasks_recomputed"] == expected
+    assert _body(s3, queue_bucket, tq.TASKLIST) == b"in1.dat\n"
+    assert _keys(s3, queue_bucket, "superseded/in1.dat/") and _keys(s3, queue_bucket, "manifests/in1.dat") == []
+    again = ok("job", job=job, recompute_stale=True)
+    assert not again["changed"] and again["tasks_recomputed"] == []
+
+
+def test_instance_prices_info_reads_the_spot_history_and_says_what_aws_would_not_price(emulator):
+    """On the emulator: the spot price history of the region's zones is read and averaged (moto prices every zone
+    alike); the Price List API, which the emulator does not serve, leaves the on-demand price to the table, said
+    in a warning and in unpriced."""
+    found = ok("instance_prices_info", region="us-east-1", instance_types=["c4.large"], since=1.8e9, until=1.8e9 + 600)
+    prices = found["prices"]
+    assert prices["instances"]["us-east-1"]["c4.large"] == {"spot": pytest.approx(0.00001)}
+    assert found["unpriced"] == ["c4.large (on-demand)"] and "on-demand" in " ".join(found["warnings"])
+    assert "us-east-1a" in prices["source"] and prices["date"].endswith("Z")
+    assert (
+        ok("instance_prices_info", region="us-east-1", instance_types=["c4.large"], spot=False)["prices"]["instances"]
+        == {}
+    )

@@ -174,6 +174,45 @@ def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, s3_endpoint, t
     _assert_drained(s3, bucket, ["in1.dat"])
 
 
+def test_a_task_claimed_ahead_and_taken_over_meanwhile_is_not_run(s3, bucket, make_worker, inline_runner):
+    """The task claimed ahead waits while the one in hand runs (or, under throttling, while its outputs
+    are published); if another worker took it over meanwhile, it is not run a second time."""
+    names = ["t1.dat", "t2.dat"]
+    _upload(s3, bucket, {"kernel.dat": b"k", "t1.dat": b"one", "t2.dat": b"two", "tasklist.txt": b"t1.dat\nt2.dat\n"})
+    queue = tq.Queue(bucket)
+
+    class TakenOverMeanwhile:
+        """Runs the first task once the look ahead holds the other, and meanwhile has that one taken
+        over (with a short lease, so that the next worker can take it over in turn)."""
+
+        def __init__(self) -> None:
+            self.runs: list[str] = []
+
+        def __getattr__(self, name):
+            return getattr(inline_runner, name)
+
+        def run(self, job, task, dirs, image_id):
+            if not self.runs:
+                (ahead,) = set(names) - {task}
+                deadline = time.monotonic() + 30
+                while tq.read_lock(s3, queue, ahead) is None:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                rescuer = tq.Lease(ahead, "rescuer", "r", "", 1, lease_seconds=3)
+                s3.put_object(Bucket=bucket, Key=queue.lock_key(ahead), Body=rescuer.body())
+                time.sleep(1.5)  # the task in hand runs on, longer than half a lease
+            self.runs.append(task)
+            return inline_runner.run(job, task, dirs, image_id)
+
+    runner = TakenOverMeanwhile()
+    worker = make_worker(runner, owner="ahead", slots=1, lease_seconds=2, max_tasks=2)
+    assert worker.run() == 0 and len(runner.runs) == 1 and worker.done == runner.runs
+    # the rescuer's lease runs out: the next worker takes the other task over and does it
+    assert make_worker(inline_runner, owner="next").run() == 0
+    assert sorted(inline_runner.runs) == names
+    _assert_drained(s3, bucket, names)
+
+
 # Publishes in1.dat's output from a file that reads slowly, and says so, once the HTTP connection sends it
 # (botocore reads the body beforehand for its checksums, fast), so that the test can kill the process in the
 # middle of the upload.
@@ -280,6 +319,49 @@ def test_output_left_by_another_run_is_never_overwritten(s3, bucket, make_worker
     assert _body(s3, bucket, "out1.dat") == b"stale"
     assert "exists with other content" in json.loads(_body(s3, bucket, "failed/in1.dat.json"))["reason"]
     assert json.loads(_body(s3, bucket, "manifests/in2.dat.json"))["files"][0]["key"] == "out2.dat"
+
+
+@pytest.mark.both_s3
+def test_stale_outputs_are_made_again_only_on_request(s3, bucket, make_worker, inline_runner):
+    """Changed inputs make their outputs stale: reported, and left alone by the next run. recompute() queues
+    them again: the next attempt replaces exactly the output the old manifest lists (that manifest kept under
+    superseded/, its attempt kept in the trace) and the new manifest says which ETag it replaced; an output
+    someone changed since is still never overwritten (the task is recorded failed saying so)."""
+    from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
+
+    names, stale = ["in1.dat", "in2.dat", "in3.dat"], ["in1.dat", "in2.dat"]
+    _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
+    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    assert make_worker(inline_runner).run() == 0
+    queue = tq.Queue(bucket)
+    before = {name: tq.read_manifest(s3, queue, name) for name in names}
+    _upload(s3, bucket, {"in1.dat": b"one, again", "in2.dat": b"two, again", "out2.dat": b"edited by hand"})
+    checked = tq.check_outputs(s3, queue, names)
+    assert [entry["task"] for entry in checked["stale"]] == stale and len(checked["wrong"]) == 1
+    assert make_worker(inline_runner, owner="next").run() == 0 and sorted(inline_runner.runs) == names
+
+    snapshot = {key: s3.head_object(Bucket=bucket, Key=key)["ETag"] for key in _keys(s3, bucket)}
+    assert tq.recompute(s3, queue, ["in1.dat", "in2.dat", "made-by-hand.dat"], check_mode=True) == stale
+    assert {key: s3.head_object(Bucket=bucket, Key=key)["ETag"] for key in _keys(s3, bucket)} == snapshot
+    assert tq.recompute(s3, queue, stale) == stale
+    assert tq.recompute(s3, queue, stale) == stale  # cut short or run twice: queued once
+    assert _body(s3, bucket, "tasklist.txt").decode().splitlines() == stale
+    assert make_worker(inline_runner, owner="again").run() == 0
+    assert sorted(inline_runner.runs) == sorted(names + stale)
+
+    assert _body(s3, bucket, "out1.dat") == _expected(s3, bucket, "in1.dat")
+    made = tq.read_manifest(s3, queue, "in1.dat")
+    assert made["input"]["etag"] == s3.head_object(Bucket=bucket, Key="in1.dat")["ETag"]
+    assert made["files"][0]["replaced"] == before["in1.dat"]["files"][0]["etag"]
+    assert tq.superseded_manifests(s3, queue, "in1.dat") == [before["in1.dat"]]
+    assert _body(s3, bucket, "out2.dat") == b"edited by hand" and tq.read_manifest(s3, queue, "in2.dat") is None
+    assert "exists with other content" in json.loads(_body(s3, bucket, queue.failed_key("in2.dat")))["reason"]
+    assert tq.check_outputs(s3, queue, ["in1.dat", "in3.dat"])["stale"] == []
+    outcomes = [(row["task"], row["outcome"]) for row in run_trace.read_trace(s3, bucket, "")]
+    assert sorted(outcomes) == sorted([(name, "done") for name in names] + [("in1.dat", "done"), ("in2.dat", "failed")])
+    assert _body(s3, bucket, "tasklist.txt").strip() == b"" and _keys(s3, bucket, "locks/") == []
+    assert sorted(_body(s3, bucket, "completed.txt").decode().splitlines()) == ["in1.dat", "in3.dat"]
+    assert _body(s3, bucket, "failed.txt").decode().splitlines() == ["in2.dat"]
 
 
 def test_task_limit_stops_the_worker_and_leaves_the_rest(s3, bucket, make_worker, inline_runner, caplog):

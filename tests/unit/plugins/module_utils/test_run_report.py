@@ -127,6 +127,38 @@ def test_a_zone_names_its_region():
     assert run_report.region_of("", "us-west-2") == "us-west-2"
 
 
+def _product(usd: str, unit: str = "Hrs") -> str:
+    """One product of the Price List API's answer (get_products' PriceList holds these as JSON strings)."""
+    import json
+
+    dimension = {"unit": unit, "pricePerUnit": {"USD": usd}, "description": "On Demand Linux c4.large"}
+    term = {"priceDimensions": {"SKU.TERM.RATE": dimension}, "sku": "SKU", "offerTermCode": "JRTCKXETXF"}
+    product = {"attributes": {"instanceType": "c4.large", "regionCode": "us-east-1"}, "sku": "SKU"}
+    return json.dumps({"product": product, "terms": {"OnDemand": {"SKU.JRTCKXETXF": term}}})
+
+
+def test_the_price_list_gives_the_hourly_on_demand_price():
+    assert run_report.on_demand_price([_product("0.0000000000"), _product("0.1000000000")]) == 0.1
+    assert run_report.on_demand_price([_product("7.5", unit="Quantity")]) is None
+    assert run_report.on_demand_price([]) is None
+    filters = {entry["Field"]: entry["Value"] for entry in run_report.price_list_filters("eu-west-1", "m5.large")}
+    assert filters["regionCode"] == "eu-west-1" and filters["instanceType"] == "m5.large"
+
+
+def test_the_spot_price_is_averaged_over_the_run_and_its_zones():
+    """A price holds from its timestamp until the zone's next one: the run's share of each, then the zones' mean."""
+    history = [
+        {"AvailabilityZone": "us-east-1a", "SpotPrice": "0.030", "Timestamp": T0 - 500},  # in force at the start
+        {"AvailabilityZone": "us-east-1a", "SpotPrice": "0.060", "Timestamp": T0 + 300},  # from a quarter in
+        {"AvailabilityZone": "us-east-1a", "SpotPrice": "0.900", "Timestamp": T0 + 2000},  # after the run
+        {"AvailabilityZone": "us-east-1b", "SpotPrice": "0.040", "Timestamp": T0 - 100},
+    ]
+    zone_a = (300 * 0.030 + 900 * 0.060) / 1200
+    assert run_report.spot_price(history, T0, T0 + 1200) == pytest.approx((zone_a + 0.040) / 2)
+    assert run_report.spot_price(history, T0 + 400, T0 + 400) == pytest.approx((0.060 + 0.040) / 2)
+    assert run_report.spot_price(history, T0 - 2000, T0 - 1000) is None
+
+
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
