@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-host test unit lint sanity molecule bench cloud-start cloud-stop cloud-status clean
+.PHONY: setup demo demo-host test unit integration lint sanity molecule bench cloud-start cloud-stop cloud-status clean
 
 setup:
 	@scripts/setup.sh
@@ -26,8 +26,12 @@ demo: cloud-start
 demo-host: cloud-start
 	@scripts/demo.sh
 
+# tests/unit: no emulator, no Docker, seconds. tests/integration: against the emulators and the Docker Engine.
 unit: setup
-	python -m pytest tests $(PYTEST_ARGS)
+	python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	python -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: setup
 	ansible-lint --offline --profile production
@@ -38,7 +42,7 @@ sanity: setup
 molecule: cloud-start
 	@scripts/molecule.sh
 
-test: unit lint sanity molecule
+test: unit integration lint sanity molecule
 
 bench: cloud-start
 	python bench/run_all.py

@@ -24,4 +24,4 @@ for i in $(seq 1 "$workers"); do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 ansible-playbook playbooks/status.yml "${settings[@]}"
-python scripts/verify-outputs.py "$bucket" "$prefix"
+ansible-playbook playbooks/outputs.yml "${settings[@]}"

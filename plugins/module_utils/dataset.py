@@ -49,6 +49,26 @@ def random_bytes(seed: int, name: str, size: int) -> bytes:
     return random.Random(f"cicc-dataset:{seed}:{name}").randbytes(size)
 
 
+def xor_mismatches(read, job, names) -> list[str]:
+    """What is wrong with the outputs of the clinic's XOR job: each completed task's output recomputed here as its
+    input XOR the job's kernel (its first shared file), independently of the container that made it. ``read(key)``
+    gives an object's bytes, or None when there is none."""
+    kernel = read(job.shared_key(job.shared[0]))
+    if kernel is None:
+        return [f"the kernel {job.shared_key(job.shared[0])} is missing"]
+    wrong = []
+    for name in names:
+        output = job.output_key(name, job.output_name(name))
+        produced, data = read(output), read(job.input_key(name))
+        if produced is None:
+            wrong.append(f"{name}: output {output} missing")
+        elif data is None:
+            wrong.append(f"{name}: input {job.input_key(name)} missing")
+        elif produced != xor_tiled(data, kernel):
+            wrong.append(f"{name}: output {output} differs from input XOR kernel")
+    return wrong
+
+
 def xor_tiled(data: bytes, kernel: bytes) -> bytes:
     """``data`` XOR ``kernel`` tiled along it (last repetition truncated), without a per-byte loop."""
     if not kernel:

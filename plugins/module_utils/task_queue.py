@@ -1065,6 +1065,12 @@ def check_outputs(client, queue: Queue, names, image_id: str = "") -> dict:
     }
 
 
+def object_body(client, bucket: str, key: str) -> bytes | None:
+    """The object's bytes, or None when it does not exist (read-only)."""
+    found = _get(client, bucket, key)
+    return found[0] if found else None
+
+
 def object_etag(client, bucket: str, key: str) -> str | None:
     """The object's ETag as S3 gives it (quoted), or None when it does not exist (read-only)."""
     head = _head(client, bucket, key)

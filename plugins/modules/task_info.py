@@ -41,6 +41,14 @@ options:
         Read-only.
     default: false
     type: bool
+  check_xor:
+    description:
+      - For the clinic's XOR job, also recompute every completed task's output as its input XOR the job's kernel (its
+        first shared file), here and independently of the container that made it, and add what differs to
+        RV(outputs.wrong). The job is read from C(<prefix>job.json) (the job step writes it). Read-only.
+      - Implies O(check_outputs=true).
+    default: false
+    type: bool
 extends_documentation_fragment:
   - cicc.cloud.attributes
   - cicc.cloud.task_queue.location
@@ -189,7 +197,7 @@ queue:
       sample: false
 outputs:
   description: The completed tasks' outputs checked against their manifests.
-  returned: when O(check_outputs=true)
+  returned: when O(check_outputs=true) or O(check_xor=true)
   type: dict
   contains:
     checked:
@@ -204,7 +212,9 @@ outputs:
       returned: always
       sample: ["in0.dat"]
     wrong:
-      description: What is wrong, one line per output missing or changed since it was published.
+      description:
+        - What is wrong, one line per output missing or changed since it was published (and with O(check_xor=true),
+          per output that is not its input XOR the kernel).
       type: list
       elements: str
       returned: always
@@ -244,8 +254,12 @@ compacted:
       sample: 0
 """
 
+import json
+
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
+from ansible_collections.cicc.cloud.plugins.module_utils import dataset
+from ansible_collections.cicc.cloud.plugins.module_utils import job as jobs
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_ARGUMENT_SPEC
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
@@ -260,9 +274,32 @@ def compact(client, queue, status):
     return bool(status["unfolded"] or status["rejected"] or any(counts.values())), counts
 
 
+def xor_mismatches(client, module, queue, names):
+    """The clinic's job's outputs recomputed (dataset.xor_mismatches), its job read from the queue's prefix."""
+
+    def read(key):
+        return task_queue.object_body(client, queue.bucket, key)
+
+    found = read(queue.key(jobs.JOB_FILE))
+    if found is None:
+        module.fail_json(
+            msg=f"check_xor needs the job file s3://{queue.bucket}/{queue.key(jobs.JOB_FILE)}: run the job step"
+        )
+    try:
+        job = jobs.load(json.loads(found))
+    except (ValueError, jobs.JobError) as error:
+        module.fail_json(
+            msg=f"s3://{queue.bucket}/{queue.key(jobs.JOB_FILE)} is not a job this collection reads: {error}"
+        )
+    return dataset.xor_mismatches(read, job, names)
+
+
 def main():
     argument_spec = dict(
-        QUEUE_ARGUMENT_SPEC, compact=dict(type="bool", default=False), check_outputs=dict(type="bool", default=False)
+        QUEUE_ARGUMENT_SPEC,
+        compact=dict(type="bool", default=False),
+        check_outputs=dict(type="bool", default=False),
+        check_xor=dict(type="bool", default=False),
     )
 
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
@@ -280,8 +317,10 @@ def main():
             result["changed"], result["compacted"] = compact(client, queue, status)
             if result["changed"]:
                 status = task_queue.queue_status(client, queue)
-        if params["check_outputs"]:
+        if params["check_outputs"] or params["check_xor"]:
             result["outputs"] = task_queue.check_outputs(client, queue, status["completed_tasks"])
+        if params["check_xor"]:
+            result["outputs"]["wrong"] += xor_mismatches(client, module, queue, status["completed_tasks"])
     module.exit_json(queue=status, **result)
 
 

@@ -33,9 +33,11 @@ import numpy as np
 import pytest
 import yaml
 
-from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
+from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset, xor_tiled
+from ansible_collections.cicc.cloud.plugins.module_utils import local_cloud as lc
 from ansible_collections.cicc.cloud.plugins.module_utils import run_report
 from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
+from ansible_collections.cicc.cloud.tests.helpers import list_keys, play_recap, read_body, tagged
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
@@ -44,11 +46,6 @@ FLEET_SIZE = 3
 INPUT_SIZE = 20_000
 SEED_TASKS = [f"in{i}.dat" for i in range(3, 10)]
 SEED_DONE = [f"in{i}.dat" for i in range(3)]
-_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
-LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
-# What cicc.cloud.local_instances labels its containers and images with.
-LABEL_ENDPOINT = "cicc.ec2-endpoint"
-LABEL_AMI = "cicc.ami-id"
 STATE_DIR = Path("/var/lib/cicc/instances")
 WORK_DIR = Path("/var/lib/cicc/work")
 
@@ -69,21 +66,18 @@ def _pipeline(env: dict, settings: dict, *args: str) -> tuple[subprocess.Complet
 
 def _ok(result: subprocess.CompletedProcess) -> dict[str, dict[str, int]]:
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
-    recap = {
-        host: dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts)))
-        for host, *counts in _RECAP.findall(result.stdout)
-    }
+    recap = play_recap(result.stdout)
     assert recap, f"no PLAY RECAP in:\n{result.stdout}"
     return recap
 
 
-def _read(s3, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+def _assert_xor_outputs(s3, bucket: str) -> None:
+    """Every seed task's output is its input XOR the kernel."""
+    kernel = read_body(s3, bucket, "kernel.dat")
+    for name in SEED_TASKS:
+        data = read_body(s3, bucket, name)
+        assert len(data) == INPUT_SIZE
+        assert read_body(s3, bucket, name.replace("in", "out")) == xor_tiled(data, kernel), name
 
 
 def _instances(ec2, project: str, states: list[str] | None = None) -> list[dict]:
@@ -98,31 +92,13 @@ def _role(instance: dict) -> str:
     return {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}.get("role", "")
 
 
-def _tagged(aws: dict, project: str, bucket: str) -> dict[str, list[str]]:
-    """Everything on the emulator that carries the project's tag (IAM: under its path), by kind."""
-    ec2, iam, s3 = aws["ec2"], aws["iam"], aws["s3"]
-    tag = {"Name": "tag:project", "Values": [project]}
-    found = {
-        "instances": [i["InstanceId"] for i in _instances(ec2, project, LIVE_STATES)],
-        "images": [i["ImageId"] for i in ec2.describe_images(Owners=["self"], Filters=[tag])["Images"]],
-        "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=[tag])["SecurityGroups"]],
-        "key_pairs": [k["KeyName"] for k in ec2.describe_key_pairs(Filters=[tag])["KeyPairs"]],
-        "roles": [r["RoleName"] for r in iam.list_roles(PathPrefix=f"/{project}/")["Roles"]],
-        "instance_profiles": [
-            p["InstanceProfileName"] for p in iam.list_instance_profiles(PathPrefix=f"/{project}/")["InstanceProfiles"]
-        ],
-        "buckets": [bucket] if bucket in {b["Name"] for b in s3.list_buckets()["Buckets"]} else [],
-    }
-    return {kind: ids for kind, ids in found.items() if ids}
-
-
 def _cleanup(docker_client, endpoint: str, instance_ids: set[str], ami_ids: set[str]) -> None:
     """Remove the containers, images and state files of this run's instances and AMIs."""
-    for container in docker_client.containers.list(all=True, filters={"label": f"{LABEL_ENDPOINT}={endpoint}"}):
+    for container in docker_client.containers.list(all=True, filters={"label": f"{lc.LABEL_ENDPOINT}={endpoint}"}):
         if container.name in instance_ids:
             container.remove(force=True)
-    for image in docker_client.images.list(name="cicc-ami", filters={"label": f"{LABEL_ENDPOINT}={endpoint}"}):
-        if image.labels.get(LABEL_AMI) in ami_ids:
+    for image in docker_client.images.list(name="cicc-ami", filters={"label": f"{lc.LABEL_ENDPOINT}={endpoint}"}):
+        if image.labels.get(lc.LABEL_AMI) in ami_ids:
             for tag in image.tags:
                 try:
                     docker_client.images.remove(tag, force=True)
@@ -146,7 +122,7 @@ def _committed_images(docker_client, endpoint: str) -> list[str]:
     """The local cloud's AMI images of this emulator: one per AMI build."""
     return sorted(
         image.id
-        for image in docker_client.images.list(name="cicc-ami", filters={"label": f"{LABEL_ENDPOINT}={endpoint}"})
+        for image in docker_client.images.list(name="cicc-ami", filters={"label": f"{lc.LABEL_ENDPOINT}={endpoint}"})
     )
 
 
@@ -182,13 +158,13 @@ def _more_jobs(pipeline: dict, tmp_path: Path, docker_client, archive: Path, ima
 def _check_summary_outputs(s3, bucket: str, names: list[str]) -> None:
     """Each input's summary.json and histogram.npy, recomputed here from the input itself."""
     for name in names:
-        data = _read(s3, bucket, name)
-        summary = json.loads(_read(s3, bucket, f"summary/results/{name}/summary.json"))
+        data = read_body(s3, bucket, name)
+        summary = json.loads(read_body(s3, bucket, f"summary/results/{name}/summary.json"))
         assert summary["size"] == len(data) and summary["sha256"] == hashlib.sha256(data).hexdigest(), name
         assert summary["zero_bytes"] == data.count(0) and summary["distinct_bytes"] == len(set(data)), name
-        histogram = np.load(io.BytesIO(_read(s3, bucket, f"summary/results/{name}/histogram.npy")))
+        histogram = np.load(io.BytesIO(read_body(s3, bucket, f"summary/results/{name}/histogram.npy")))
         assert histogram.tolist() == [data.count(value) for value in range(256)], name
-    assert sorted(_read(s3, bucket, "summary/completed.txt").decode().split()) == sorted(names)
+    assert sorted(read_body(s3, bucket, "summary/completed.txt").decode().split()) == sorted(names)
 
 
 @pytest.fixture
@@ -214,7 +190,7 @@ def pipeline(emulator, docker_client, tmp_path_factory):
         "cicc_report_dir": str(tmp_path_factory.mktemp("report")),
     }
     session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
-    aws = {name: session.client(name, endpoint_url=emulator) for name in ("s3", "iam", "ec2")}
+    aws = {name: session.client(name, endpoint_url=emulator) for name in ("s3", "iam", "ec2", "sts")}
     made = {"instances": set(), "images": set()}
     yield {"project": project, "bucket": bucket, "env": env, "settings": settings, "aws": aws, "made": made}
 
@@ -237,7 +213,7 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     # Check mode on nothing at all: nothing is made, nothing fails.
     check, check_seconds = _pipeline(env, settings, "--check")
     _ok(check)
-    assert _tagged(aws, project, bucket) == {}
+    assert tagged(aws, project, bucket) == {}
 
     # The first run: the whole narrative, from an empty account to a drained queue.
     first, first_seconds = _pipeline(env, settings)
@@ -257,7 +233,7 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     for instance in instances:
         container = docker_client.containers.get(instance["InstanceId"])
         assert container.status == "exited", f"{instance['InstanceId']}: container {container.status}"
-        assert container.labels[LABEL_ENDPOINT] == emulator
+        assert container.labels[lc.LABEL_ENDPOINT] == emulator
     for worker in workers:
         assert worker["MetadataOptions"]["HttpTokens"] == "required"
         assert docker_client.containers.get(worker["InstanceId"]).image.tags == [f"cicc-ami:{images[0]['ImageId']}"]
@@ -265,23 +241,20 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     assert base_image.labels["cicc.source-instance"] == bases[0]["InstanceId"]
 
     # The queue: every seed task done once, nothing failed, no lock left, the lists exact.
-    completed = _read(s3, bucket, "completed.txt").decode().split()
+    completed = read_body(s3, bucket, "completed.txt").decode().split()
     assert sorted(completed) == sorted(SEED_DONE + SEED_TASKS)
     assert len(completed) == len(set(completed))
-    assert _read(s3, bucket, "tasklist.txt").decode().split() == []
-    assert _keys(s3, bucket, "locks/") == []
-    assert _keys(s3, bucket, "failed/") == []
-    kernel = np.frombuffer(_read(s3, bucket, "kernel.dat"), dtype=np.uint8)
-    for name in SEED_TASKS:
-        data = np.frombuffer(_read(s3, bucket, name), dtype=np.uint8)
-        output = np.frombuffer(_read(s3, bucket, name.replace("in", "out")), dtype=np.uint8)
-        assert data.size == INPUT_SIZE
-        assert np.array_equal(output, data ^ np.resize(kernel, data.size)), name
+    assert read_body(s3, bucket, "tasklist.txt").decode().split() == []
+    assert list_keys(s3, bucket, "locks/") == []
+    assert list_keys(s3, bucket, "failed/") == []
+    _assert_xor_outputs(s3, bucket)
 
     # Each worker worked (the fleet shares the queue) and left its log; the summary says so.
-    logs = _keys(s3, bucket, "logs/")
+    logs = list_keys(s3, bucket, "logs/")
     assert sorted(logs) == sorted(f"logs/{worker['InstanceId']}/log.txt" for worker in workers)
-    drained = [re.search(r"queue drained: (\d+) completed, 0 failed", _read(s3, bucket, key).decode()) for key in logs]
+    drained = [
+        re.search(r"queue drained: (\d+) completed, 0 failed", read_body(s3, bucket, key).decode()) for key in logs
+    ]
     assert all(drained), logs
     assert sum(int(found.group(1)) for found in drained) == len(SEED_TASKS)
     # The trace: a row per attempt (one each here), each saying which fleet machine made it; a record per worker.
@@ -299,7 +272,7 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     table = list(csv.DictReader(io.StringIO((report / "trace.tsv").read_text()), delimiter="\t"))
     assert sorted((line["task"], line["outcome"]) for line in table) == [(name, "done") for name in sorted(SEED_TASKS)]
     for name in ("trace.tsv", "timeline.png", "report.html"):
-        assert _read(s3, bucket, f"report/{name}") == (report / name).read_bytes(), name
+        assert read_body(s3, bucket, f"report/{name}") == (report / name).read_bytes(), name
     assert (report / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (report / "report.html").read_text()
     assert all(f"<td>{name}</td>" in page for name in SEED_TASKS)
@@ -366,8 +339,8 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     assert "verified 10/10 outputs in s3://%s/byhand/" % bucket in " ".join(runs[1].stdout.split())
     for key, body in byhand_objects.items():  # the inputs made by hand are untouched, no data set was written
         if not key.startswith(("byhand/tasklist.txt", "byhand/completed.txt")):
-            assert _read(s3, bucket, key) == body, key
-    assert sorted(_read(s3, bucket, "byhand/completed.txt").decode().split()) == [f"in{i}.dat" for i in range(10)]
+            assert read_body(s3, bucket, key) == body, key
+    assert sorted(read_body(s3, bucket, "byhand/completed.txt").decode().split()) == [f"in{i}.dat" for i in range(10)]
 
     # Tearing one job down leaves the others: the summary job's machines and identity go, its outputs stay.
     summary_down, _seconds = _pipeline(env, settings, "playbooks/teardown_job.yml", "-e", f"@{summary_file}")
@@ -380,7 +353,7 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     for instance in per_job["byhand"]:
         assert docker_client.containers.get(instance["InstanceId"]).status == "exited"
     assert _own_amis(ec2, project) == amis_before
-    assert _keys(s3, bucket, "summary/results/in3.dat/") and not _keys(s3, bucket, "summary/job.json")
+    assert list_keys(s3, bucket, "summary/results/in3.dat/") and not list_keys(s3, bucket, "summary/job.json")
 
     # More tasks for the XOR job: the plan, from the first run's trace, says how many machines (never more than there
     # is work for) and about how long; the fleet launches that many, and takes about that long.
@@ -406,13 +379,13 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
         re.search(r"([0-9.]+) s from launch until every worker had terminated", " ".join(again.stdout.split())).group(1)
     )
     assert wall / 4 <= took <= wall * 4, f"planned {wall} s, took {took:.0f} s"
-    assert sorted(_read(s3, bucket, "completed.txt").decode().split()) == sorted(SEED_DONE + SEED_TASKS + more)
+    assert sorted(read_body(s3, bucket, "completed.txt").decode().split()) == sorted(SEED_DONE + SEED_TASKS + more)
     instances = _instances(ec2, project)
 
     # Teardown: nothing tagged is left, the bucket included.
     teardown, teardown_seconds = _pipeline(env, {**settings, "cicc_delete_bucket": True}, "playbooks/teardown.yml")
     _ok(teardown)
-    assert _tagged(aws, project, bucket) == {}
+    assert tagged(aws, project, bucket) == {}
     # ... and nothing of the machines on this one: containers, their files, the AMI's image.
     for instance in instances:
         with pytest.raises(docker.errors.NotFound):
@@ -446,12 +419,8 @@ def test_a_job_runs_on_machines_that_are_running_already(pipeline, docker_client
         "job xor, queue s3://%s/: 10 completed, 0 failed, 7 task(s) with outputs as their manifests say" % bucket
         in (" ".join(result.stdout.split()))
     )
-    kernel = np.frombuffer(_read(s3, bucket, "kernel.dat"), dtype=np.uint8)
-    for name in SEED_TASKS:
-        data = np.frombuffer(_read(s3, bucket, name), dtype=np.uint8)
-        output = np.frombuffer(_read(s3, bucket, name.replace("in", "out")), dtype=np.uint8)
-        assert np.array_equal(output, data ^ np.resize(kernel, data.size)), name
-    assert _keys(s3, bucket, f"logs/{base[0]['InstanceId']}/") == [f"logs/{base[0]['InstanceId']}/log.txt"]
+    _assert_xor_outputs(s3, bucket)
+    assert list_keys(s3, bucket, f"logs/{base[0]['InstanceId']}/") == [f"logs/{base[0]['InstanceId']}/log.txt"]
     assert (
         ec2.describe_instances(InstanceIds=[base[0]["InstanceId"]])["Reservations"][0]["Instances"][0]["State"]["Name"]
         == "running"
@@ -466,4 +435,4 @@ def test_a_job_runs_on_machines_that_are_running_already(pipeline, docker_client
     }
 
     _ok(_pipeline(env, {**settings, "cicc_delete_bucket": True}, "playbooks/teardown.yml")[0])
-    assert _tagged(aws, pipeline["project"], bucket) == {}
+    assert tagged(aws, pipeline["project"], bucket) == {}

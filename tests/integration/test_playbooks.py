@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -33,14 +32,13 @@ from botocore.exceptions import ClientError
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
+from ansible_collections.cicc.cloud.tests.helpers import list_keys, play_recap, read_body, tagged
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
 TIMEOUT = 300
 INPUT_SIZE = 1_000
-_RECAP = re.compile(r"^localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
 WORKER_S3_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
-LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 
 
 # --- running playbooks ------------------------------------------------------------------------------------
@@ -67,9 +65,9 @@ def _playbook(name: str, settings: dict, *args: str, **env: str) -> subprocess.C
 
 
 def _recap(result: subprocess.CompletedProcess) -> dict[str, int]:
-    found = _RECAP.search(result.stdout)
-    assert found, f"no PLAY RECAP in:\n{result.stdout}\n{result.stderr}"
-    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, found.groups())))
+    recap = play_recap(result.stdout)
+    assert "localhost" in recap, f"no PLAY RECAP in:\n{result.stdout}\n{result.stderr}"
+    return recap["localhost"]
 
 
 def _ok(result: subprocess.CompletedProcess) -> dict[str, int]:
@@ -98,58 +96,8 @@ def _clients(endpoint: str, key: str = "testing", secret: str = "testing") -> di
     return {name: session.client(name, endpoint_url=endpoint) for name in ("s3", "iam", "ec2", "sts")}
 
 
-def _keys(s3, bucket: str) -> set[str]:
-    return {item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
-
-
-def _body(s3, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
 def _buckets(s3) -> set[str]:
     return {item["Name"] for item in s3.list_buckets()["Buckets"]}
-
-
-def _tagged(aws: dict, project: str, bucket: str) -> dict[str, list[str]]:
-    """Everything on the emulator that carries the project's tag (IAM: under its path), by kind."""
-    ec2, iam, s3 = aws["ec2"], aws["iam"], aws["s3"]
-    tag = {"Name": "tag:project", "Values": [project]}
-    owner = aws["sts"].get_caller_identity()["Account"]
-    reservations = ec2.describe_instances(Filters=[tag, {"Name": "instance-state-name", "Values": LIVE_STATES}])
-    found = {
-        "instances": [i["InstanceId"] for r in reservations["Reservations"] for i in r["Instances"]],
-        "images": [i["ImageId"] for i in ec2.describe_images(Owners=["self"], Filters=[tag])["Images"]],
-        "snapshots": [
-            s["SnapshotId"]
-            for s in ec2.describe_snapshots(Filters=[tag, {"Name": "owner-id", "Values": [owner]}])["Snapshots"]
-        ],
-        "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=[tag])["SecurityGroups"]],
-        "key_pairs": [k["KeyName"] for k in ec2.describe_key_pairs(Filters=[tag])["KeyPairs"]],
-        "roles": [r["RoleName"] for r in iam.list_roles(PathPrefix=f"/{project}/")["Roles"]],
-        "instance_profiles": [
-            p["InstanceProfileName"] for p in iam.list_instance_profiles(PathPrefix=f"/{project}/")["InstanceProfiles"]
-        ],
-        "buckets": [bucket] if bucket in _buckets(s3) else [],
-        "launch_templates": [
-            t["LaunchTemplateName"] for t in ec2.describe_launch_templates(Filters=[tag])["LaunchTemplates"]
-        ],
-        **_tagged_network(ec2, tag),
-    }
-    return {kind: ids for kind, ids in found.items() if ids}
-
-
-def _tagged_network(ec2, tag: dict) -> dict[str, list[str]]:
-    """The private network's pieces that carry the tag, by kind."""
-    endpoints = ec2.describe_vpc_endpoints(Filters=[tag])["VpcEndpoints"]
-    return {
-        "vpc_endpoints": [e["VpcEndpointId"] for e in endpoints if e["State"].lower() not in ("deleted", "deleting")],
-        "route_tables": [t["RouteTableId"] for t in ec2.describe_route_tables(Filters=[tag])["RouteTables"]],
-        "internet_gateways": [
-            g["InternetGatewayId"] for g in ec2.describe_internet_gateways(Filters=[tag])["InternetGateways"]
-        ],
-        "subnets": [n["SubnetId"] for n in ec2.describe_subnets(Filters=[tag])["Subnets"]],
-        "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=[tag])["Vpcs"]],
-    }
 
 
 def _seed_ec2(ec2, project: str) -> dict[str, list[str]]:
@@ -189,7 +137,7 @@ def _seed_ec2(ec2, project: str) -> dict[str, list[str]]:
 def _cleanup(aws: dict, project: str, bucket: str) -> None:
     """Whatever a failed test left behind, removed with boto3 (not with the playbook under test)."""
     ec2, iam, s3 = aws["ec2"], aws["iam"], aws["s3"]
-    left = _tagged(aws, project, bucket)
+    left = tagged(aws, project, bucket)
     if left.get("instances"):
         ec2.terminate_instances(InstanceIds=left["instances"])
     for image in left.get("images", []):
@@ -335,7 +283,7 @@ def test_step_playbooks_stop_before_any_change(own_emulator, project) -> None:
         "comand",
     ):
         assert field in text, field
-    assert not _tagged(aws, project["cicc_project"], project["cicc_bucket"])
+    assert not tagged(aws, project["cicc_project"], project["cicc_bucket"])
 
 
 # --- bucket -> iam -> teardown ----------------------------------------------------------------------------
@@ -351,7 +299,7 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
     # Check mode: both steps would change things, and nothing is created.
     assert _ok(_playbook("bucket.yml", project, "--check"))["changed"] >= 1
     assert _ok(_playbook("iam.yml", project, "--check"))["changed"] >= 2
-    assert not _tagged(aws, name, bucket)
+    assert not tagged(aws, name, bucket)
 
     # bucket: private, encrypted, owner-enforced, tagged, with the data set; the TLS-only policy is built
     # and shown but not applied (the emulator would refuse every object call under it).
@@ -451,23 +399,23 @@ def test_bucket_iam_and_teardown(own_emulator, project) -> None:
         "instance_profiles": sorted([builder_profile, profile]),
         "buckets": [bucket],
     }
-    assert {kind: sorted(ids) for kind, ids in _tagged(aws, name, bucket).items()} == everything_tagged
+    assert {kind: sorted(ids) for kind, ids in tagged(aws, name, bucket).items()} == everything_tagged
 
     # teardown in check mode removes nothing.
     assert _ok(_playbook("teardown.yml", project, "--check"))["changed"] >= 1
-    assert {kind: sorted(ids) for kind, ids in _tagged(aws, name, bucket).items()} == everything_tagged
+    assert {kind: sorted(ids) for kind, ids in tagged(aws, name, bucket).items()} == everything_tagged
 
     # teardown: everything tagged goes but the bucket, which is kept unless asked for; it says so.
     result = _playbook("teardown.yml", project)
     assert _ok(result)["changed"] >= 7
-    assert _tagged(aws, name, bucket) == {"buckets": [bucket]}
+    assert tagged(aws, name, bucket) == {"buckets": [bucket]}
     assert f"except the bucket {bucket} (kept: set cicc_delete_bucket=true to remove it)" in _flat(result)
 
     # With cicc_delete_bucket the bucket and all its objects go too; nothing tagged is left.
     result = _playbook("teardown.yml", {**project, "cicc_delete_bucket": True})
     assert _ok(result)["changed"] == 1
     assert f"Nothing tagged project={name} is left." in _flat(result)
-    assert _tagged(aws, name, bucket) == {}
+    assert tagged(aws, name, bucket) == {}
     state = ec2.describe_instances(InstanceIds=[other["InstanceId"]])["Reservations"][0]["Instances"][0]["State"]
     assert state["Name"] == "running"
     ec2.terminate_instances(InstanceIds=[other["InstanceId"]])
@@ -484,10 +432,10 @@ def test_private_network_and_its_teardown(own_emulator, project) -> None:
     name, bucket = settings["cicc_project"], settings["cicc_bucket"]
 
     assert _ok(_playbook("network.yml", settings, "--check"))["changed"] >= 1
-    assert not _tagged(aws, name, bucket)
+    assert not tagged(aws, name, bucket)
 
     assert _ok(_playbook("network.yml", settings))["changed"] >= 6
-    made = _tagged(aws, name, bucket)
+    made = tagged(aws, name, bucket)
     assert {kind: len(ids) for kind, ids in made.items()} == {
         "vpcs": 1,
         "subnets": 2,
@@ -524,13 +472,13 @@ def test_private_network_and_its_teardown(own_emulator, project) -> None:
         VpcId=made["vpcs"][0],
         TagSpecifications=[{"ResourceType": "security-group", "Tags": tag}],
     )
-    assert set(_tagged(aws, name, bucket)) == set(made) | {"launch_templates", "security_groups"}
+    assert set(tagged(aws, name, bucket)) == set(made) | {"launch_templates", "security_groups"}
 
     # One changed task per kind: template, security group, endpoint, route tables, gateway, subnets, VPC.
     result = _playbook("teardown.yml", settings)
     assert _ok(result)["changed"] == 7
     assert f"Nothing tagged project={name} is left." in _flat(result)
-    assert _tagged(aws, name, bucket) == {}
+    assert tagged(aws, name, bucket) == {}
     assert _ok(_playbook("teardown.yml", settings))["changed"] == 0
 
 
@@ -544,23 +492,23 @@ def test_dataset_is_exact_idempotent_and_never_overwritten(own_emulator, project
     wanted = {prefix + name: body for name, body in wanted.items()}
 
     assert _ok(_playbook("dataset.yml", project))["changed"] == 2
-    assert _keys(s3, bucket) == set(wanted)
+    assert set(list_keys(s3, bucket)) == set(wanted)
     for key, body in wanted.items():
-        assert _body(s3, bucket, key) == body, key
+        assert read_body(s3, bucket, key) == body, key
     assert _ok(_playbook("dataset.yml", project))["changed"] == 0
 
     # Once workers have moved a task, the lists are the queue's state: a re-run leaves them and fails on nothing.
     tasklist, completed = prefix + "tasklist.txt", prefix + "completed.txt"
-    pending = _body(s3, bucket, tasklist).decode().split()
+    pending = read_body(s3, bucket, tasklist).decode().split()
     queue_state = {
         tasklist: "".join(f"{name}\n" for name in pending[1:]).encode(),
-        completed: _body(s3, bucket, completed) + f"{pending[0]}\n".encode(),
+        completed: read_body(s3, bucket, completed) + f"{pending[0]}\n".encode(),
     }
     for key, body in queue_state.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     assert _ok(_playbook("dataset.yml", project))["changed"] == 0
     for key, body in queue_state.items():
-        assert _body(s3, bucket, key) == body, key
+        assert read_body(s3, bucket, key) == body, key
 
     # An object changed by hand (same size, other bytes) is never overwritten blindly.
     altered_key, altered = prefix + "in5.dat", bytes(INPUT_SIZE)
@@ -570,8 +518,8 @@ def test_dataset_is_exact_idempotent_and_never_overwritten(own_emulator, project
     message = _flat(result)
     assert f"with other content: {altered_key}." in message
     assert "set overwrite=true" in message and "use another prefix" in message
-    assert _body(s3, bucket, altered_key) == altered
-    assert _keys(s3, bucket) == set(wanted)
+    assert read_body(s3, bucket, altered_key) == altered
+    assert set(list_keys(s3, bucket)) == set(wanted)
 
     # state=absent, ad hoc, removes exactly the data set: a key the pipeline wrote later stays.
     extra_key = prefix + "out5.dat"
@@ -594,7 +542,7 @@ def test_dataset_is_exact_idempotent_and_never_overwritten(own_emulator, project
             adhoc + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False
         )
         assert result.returncode == 0 and f"| {outcome}" in result.stdout, result.stdout + result.stderr
-        assert _keys(s3, bucket) == left
+        assert set(list_keys(s3, bucket)) == left
 
 
 def test_teardown_keeps_a_bucket_the_project_did_not_make(own_emulator, project) -> None:
@@ -620,20 +568,20 @@ def test_job_step_writes_the_job_and_queues_its_inputs(own_emulator, project) ->
     _ok(_playbook("bucket.yml", project))
     summary = yaml.safe_load((ROOT / "jobs" / "summary.yml").read_text())["cicc_job"]
     settings = {**project, "cicc_prefix": "summary/", "cicc_job": {**summary, "inputs": {"prefix": "run-1/"}}}
-    before = _keys(s3, bucket)
+    before = set(list_keys(s3, bucket))
 
     assert _ok(_playbook("job.yml", settings, "--check"))["changed"] == 1
-    assert _keys(s3, bucket) == before
+    assert set(list_keys(s3, bucket)) == before
     result = _playbook("job.yml", settings, ANSIBLE_CALLBACK_RESULT_FORMAT="json")
     assert _ok(result)["changed"] == 1
-    written = json.loads(_body(s3, bucket, "summary/job.json"))
+    written = json.loads(read_body(s3, bucket, "summary/job.json"))
     assert written["bucket"] == bucket and written["inputs"]["prefix"] == "run-1/"
     assert written["outputs"]["prefix"] == "summary/results/" and written["image"]["source"] == "archive"
     shown = _task_result(result, "Show the job")["msg"]
     assert shown.startswith(f"job summary: s3://{bucket}/summary/job.json, image cicc-summary:latest (archive)")
     assert shown.endswith(", 10 input(s) queued")
     names = [f"in{i}.dat" for i in range(10)]  # the data set's inputs match in*.dat; kernel.dat does not
-    assert _body(s3, bucket, "summary/tasklist.txt").decode().split() == names
+    assert read_body(s3, bucket, "summary/tasklist.txt").decode().split() == names
     assert _ok(_playbook("job.yml", settings))["changed"] == 0
 
     # A new input is queued once; a task already done is not queued again.
@@ -641,10 +589,10 @@ def test_job_step_writes_the_job_and_queues_its_inputs(own_emulator, project) ->
     s3.put_object(Bucket=bucket, Key="summary/completed.txt", Body=b"in10.dat\n")
     s3.put_object(Bucket=bucket, Key="run-1/in11.dat", Body=b"newer")
     assert _ok(_playbook("job.yml", settings))["changed"] == 1
-    assert _body(s3, bucket, "summary/tasklist.txt").decode().split() == names + ["in11.dat"]
+    assert read_body(s3, bucket, "summary/tasklist.txt").decode().split() == names + ["in11.dat"]
 
     assert _ok(_playbook("teardown_job.yml", settings))["changed"] >= 1
-    assert "summary/job.json" not in _keys(s3, bucket) and "summary/tasklist.txt" in _keys(s3, bucket)
+    assert "summary/job.json" not in set(list_keys(s3, bucket)) and "summary/tasklist.txt" in set(list_keys(s3, bucket))
     assert _ok(_playbook("teardown_job.yml", settings))["changed"] == 0
 
 

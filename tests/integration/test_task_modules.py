@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+from ansible_collections.cicc.cloud.tests.helpers import list_keys, read_body
 from conftest import xor_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,14 +53,6 @@ def ok(module: str, check: bool = False, **args) -> dict:
     result = run_module(module, check, **args)
     assert not result.get("failed"), result.get("msg", result)
     return result
-
-
-def _body(s3, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
-    return sorted(item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
 
 
 def _snapshot(s3, bucket: str) -> dict[str, str]:
@@ -105,7 +98,7 @@ def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, s3_end
     assert (task["name"], task["owner"], task["attempts"]) == ("in0.dat", "w1", 1)
     assert task["instance_id"] == "i-0123456789abcdef0"
     assert task["token"] and task["etag"]
-    assert json.loads(_body(s3, queue_bucket, "locks/in0.dat"))["token"] == task["token"]
+    assert json.loads(read_body(s3, queue_bucket, "locks/in0.dat"))["token"] == task["token"]
 
     info = ok("task_info", bucket=queue_bucket)["queue"]
     assert info["claimed"] == 1 and info["claims"][0]["task"] == "in0.dat" and info["claims"][0]["owner"] == "w1"
@@ -119,7 +112,7 @@ def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, s3_end
         "manifest": "manifests/in0.dat.json",
         "outputs": ["out0.dat"],
     }
-    assert _body(s3, queue_bucket, "locks/in0.dat") == tq.MARKS["completed"]  # the lock is its finished mark
+    assert read_body(s3, queue_bucket, "locks/in0.dat") == tq.MARKS["completed"]  # the lock is its finished mark
 
     info = ok("task_info", bucket=queue_bucket, compact=True)
     assert info["changed"] and info["compacted"] == {"completed": 1, "failed": 0, "rejected": 0, "locks": 0}
@@ -127,9 +120,9 @@ def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, s3_end
     assert queue["pending_tasks"] == ["in1.dat", "in2.dat"] and queue["pending"] == 2
     assert (queue["completed"], queue["failed"], queue["claimed"], queue["unfolded"]) == (1, 0, 0, 0)
     assert not queue["drained"]
-    assert _body(s3, queue_bucket, tq.COMPLETED) == b"in0.dat\n"
-    assert _body(s3, queue_bucket, tq.TASKLIST) == b"in1.dat\nin2.dat\n"
-    assert _keys(s3, queue_bucket, "locks/") == []
+    assert read_body(s3, queue_bucket, tq.COMPLETED) == b"in0.dat\n"
+    assert read_body(s3, queue_bucket, tq.TASKLIST) == b"in1.dat\nin2.dat\n"
+    assert list_keys(s3, queue_bucket, "locks/") == []
 
     again = ok("task_info", bucket=queue_bucket, compact=True)
     assert not again["changed"] and again["queue"] == queue
@@ -141,12 +134,12 @@ def test_claim_next_complete_then_info_after_compaction(s3, queue_bucket, s3_end
 def test_task_held_by_another_owner_is_not_claimed(s3, queue_bucket):
     first = ok("task_claim", bucket=queue_bucket, owner="alice", name="in1.dat")
     assert first["claimed"] and first["task"]["name"] == "in1.dat"
-    lock = _body(s3, queue_bucket, "locks/in1.dat")
+    lock = read_body(s3, queue_bucket, "locks/in1.dat")
 
     other = ok("task_claim", bucket=queue_bucket, owner="bob", name="in1.dat")
     assert not other["changed"] and not other["claimed"] and other["task"] == {}
     assert "held by alice" in other["reason"]
-    assert _body(s3, queue_bucket, "locks/in1.dat") == lock
+    assert read_body(s3, queue_bucket, "locks/in1.dat") == lock
 
     # Claiming the next task passes over the held one.
     names = [ok("task_claim", bucket=queue_bucket, owner="bob")["task"]["name"] for _claim in range(2)]
@@ -204,16 +197,16 @@ def test_release_with_error_counts_attempts_until_failed(s3, queue_bucket):
 
     failed = ok("task_release", error="exit status 2", **common, **_lease_args(second))
     assert failed["changed"] and failed["task"] == {"name": "in0.dat", "state": "failed"}
-    record = json.loads(_body(s3, queue_bucket, "failed/in0.dat.json"))
+    record = json.loads(read_body(s3, queue_bucket, "failed/in0.dat.json"))
     assert record["attempts"] == 2 and "exit status 2" in record["reason"] and record["owner"] == "w2"
-    assert _body(s3, queue_bucket, "locks/in0.dat") == tq.MARKS["failed"]
+    assert read_body(s3, queue_bucket, "locks/in0.dat") == tq.MARKS["failed"]
     rerun = ok("task_release", error="exit status 2", **common, **_lease_args(second))
     assert not rerun["changed"] and rerun["task"]["state"] == "failed"
 
     queue = ok("task_info", compact=True, **common)["queue"]
     assert queue["failed_tasks"] == ["in0.dat"] and queue["failed"] == 1
     assert queue["pending_tasks"] == ["in1.dat", "in2.dat"]
-    assert _body(s3, queue_bucket, tq.FAILED) == b"in0.dat\n" and _keys(s3, queue_bucket, "locks/") == []
+    assert read_body(s3, queue_bucket, tq.FAILED) == b"in0.dat\n" and list_keys(s3, queue_bucket, "locks/") == []
     refused = ok("task_claim", name="in0.dat", owner="w3", **common)
     assert not refused["claimed"] and refused["state"] == "failed"
 
@@ -222,7 +215,7 @@ def test_release_without_error_does_not_count(s3, queue_bucket):
     task = ok("task_claim", bucket=queue_bucket, owner="w1")["task"]
     released = ok("task_release", bucket=queue_bucket, **_lease_args(task))
     assert released["changed"] and released["task"] == {"name": "in0.dat", "state": "pending"}
-    assert _keys(s3, queue_bucket, "locks/") == []
+    assert list_keys(s3, queue_bucket, "locks/") == []
     assert not ok("task_release", bucket=queue_bucket, **_lease_args(task))["changed"]
     again = ok("task_claim", bucket=queue_bucket, owner="w2")["task"]
     assert (again["name"], again["attempts"]) == ("in0.dat", 1)
@@ -237,7 +230,7 @@ def test_state_failed_records_the_reason(s3, queue_bucket):
 
     failed = ok("task_release", bucket=queue_bucket, state="failed", error="input is empty", **_lease_args(task))
     assert failed["changed"] and failed["task"] == {"name": "in2.dat", "state": "failed"}
-    record = json.loads(_body(s3, queue_bucket, "failed/in2.dat.json"))
+    record = json.loads(read_body(s3, queue_bucket, "failed/in2.dat.json"))
     assert (record["reason"], record["attempts"]) == ("input is empty", 1)
     queue = ok("task_info", bucket=queue_bucket)["queue"]
     assert queue["failed_tasks"] == ["in2.dat"] and queue["unfolded"] == 1 and queue["claimed"] == 0
@@ -249,8 +242,8 @@ def test_complete_without_output_fails_clearly(s3, queue_bucket):
     assert result["failed"] and result["msg"] == f"output s3://{queue_bucket}/out0.dat does not exist; publish it first"
     result = run_module("task_complete", bucket=queue_bucket, **_lease_args(task))
     assert result["failed"] and result["msg"] == "task in0.dat has no manifest: name its outputs (outputs) to write one"
-    assert _keys(s3, queue_bucket, "locks/") == ["locks/in0.dat"]
-    assert json.loads(_body(s3, queue_bucket, "locks/in0.dat"))["owner"] == "w1"  # still the lease, not a mark
+    assert list_keys(s3, queue_bucket, "locks/") == ["locks/in0.dat"]
+    assert json.loads(read_body(s3, queue_bucket, "locks/in0.dat"))["owner"] == "w1"  # still the lease, not a mark
 
 
 def test_complete_twice_changes_nothing_the_second_time(s3, queue_bucket):
@@ -264,7 +257,7 @@ def test_complete_twice_changes_nothing_the_second_time(s3, queue_bucket):
 
     ok("task_info", bucket=queue_bucket, compact=True)  # the mark is folded into completed.txt
     third = ok("task_complete", bucket=queue_bucket, **_complete_args(task))
-    assert not third["changed"] and _keys(s3, queue_bucket, "locks/") == []
+    assert not third["changed"] and list_keys(s3, queue_bucket, "locks/") == []
 
 
 def test_token_finds_a_claim_whose_reply_was_lost(s3, queue_bucket):
@@ -282,7 +275,7 @@ def test_token_finds_a_claim_whose_reply_was_lost(s3, queue_bucket):
     assert would["task"]["name"] == "in1.dat"
     again = ok("task_claim", bucket=queue_bucket, owner="w1", token=lost["token"])["task"]
     assert (again["name"], again["token"], again["attempts"]) == ("in1.dat", lost["token"], 1)
-    assert _keys(s3, queue_bucket, "locks/") == ["locks/in1.dat"]
+    assert list_keys(s3, queue_bucket, "locks/") == ["locks/in1.dat"]
 
     # Someone else's token is no key to it.
     stolen = ok("task_claim", bucket=queue_bucket, owner="w2", name="in1.dat", token="not-the-token")
@@ -290,14 +283,14 @@ def test_token_finds_a_claim_whose_reply_was_lost(s3, queue_bucket):
 
     _publish(s3, queue_bucket, "in1.dat")
     assert ok("task_complete", bucket=queue_bucket, **_complete_args(again))["changed"]
-    assert _body(s3, queue_bucket, "locks/in1.dat") == tq.MARKS["completed"]
+    assert read_body(s3, queue_bucket, "locks/in1.dat") == tq.MARKS["completed"]
 
 
 def test_prefix_and_bad_names(s3, bucket):
     s3.put_object(Bucket=bucket, Key="q/in5.dat", Body=b"x")
     s3.put_object(Bucket=bucket, Key="q/tasklist.txt", Body=b"../etc/passwd\nin5.dat\n")
     task = ok("task_claim", bucket=bucket, prefix="q/", owner="w1")["task"]
-    assert task["name"] == "in5.dat" and _keys(s3, bucket, "q/locks/") == ["q/locks/in5.dat"]
+    assert task["name"] == "in5.dat" and list_keys(s3, bucket, "q/locks/") == ["q/locks/in5.dat"]
 
     bad = run_module("task_claim", bucket=bucket, prefix="q/", owner="w1", name="../etc/passwd")
     assert bad["failed"] and "path separator" in bad["msg"]
@@ -306,8 +299,8 @@ def test_prefix_and_bad_names(s3, bucket):
 
     info = ok("task_info", bucket=bucket, prefix="q/", compact=True)
     assert info["changed"] and info["queue"]["rejected"] == []
-    assert b"../etc/passwd" in _body(s3, bucket, "q/rejected.txt")
-    assert _body(s3, bucket, "q/tasklist.txt") == b"in5.dat\n"
+    assert b"../etc/passwd" in read_body(s3, bucket, "q/rejected.txt")
+    assert read_body(s3, bucket, "q/tasklist.txt") == b"in5.dat\n"
 
 
 def _trace_run(s3, bucket: str, worker: str, started_at: float, tasks: list[str]) -> None:
@@ -340,11 +333,11 @@ def test_run_report_writes_the_report_once_and_check_mode_writes_nothing(s3, buc
     dest = tmp_path / "report"
     args = {"bucket": bucket, "dest": str(dest), "since": 1_800_000_000.0, "prices": {"date": "2027-01-01"}}
     planned = ok("run_report", check=True, **args)
-    assert planned["changed"] and not dest.exists() and _keys(s3, bucket, "report/") == []
+    assert planned["changed"] and not dest.exists() and list_keys(s3, bucket, "report/") == []
     first = ok("run_report", **args)
     files = ["report.html", "timeline.png", "trace.tsv"]
     assert first["changed"] and sorted(path.name for path in dest.iterdir()) == files
-    assert _keys(s3, bucket, "report/") == [f"report/{name}" for name in files]
+    assert list_keys(s3, bucket, "report/") == [f"report/{name}" for name in files]
     lines = (dest / "trace.tsv").read_text().splitlines()
     assert len(lines) == 1 + len(NAMES) and all("in9.dat" not in line for line in lines)  # the old run left out
     said = first["report"]
@@ -372,8 +365,8 @@ def test_the_job_module_queues_stale_tasks_again_only_when_asked(s3, queue_bucke
     assert _snapshot(s3, queue_bucket) == snapshot
     done = ok("job", job=job, recompute_stale=True)
     assert done["changed"] and done["tasks_recomputed"] == expected
-    assert _body(s3, queue_bucket, tq.TASKLIST) == b"in1.dat\n"
-    assert _keys(s3, queue_bucket, "superseded/in1.dat/") and _keys(s3, queue_bucket, "manifests/in1.dat") == []
+    assert read_body(s3, queue_bucket, tq.TASKLIST) == b"in1.dat\n"
+    assert list_keys(s3, queue_bucket, "superseded/in1.dat/") and list_keys(s3, queue_bucket, "manifests/in1.dat") == []
     again = ok("job", job=job, recompute_stale=True)
     assert not again["changed"] and again["tasks_recomputed"] == []
 
@@ -391,3 +384,17 @@ def test_instance_prices_info_reads_the_spot_history_and_says_what_aws_would_not
         ok("instance_prices_info", region="us-east-1", instance_types=["c4.large"], spot=False)["prices"]["instances"]
         == {}
     )
+
+
+def test_task_info_recomputes_the_clinics_outputs_and_names_the_wrong_one(s3, queue_bucket, make_worker, inline_runner):
+    """check_xor recomputes every completed output as input XOR kernel, apart from the container that made it: one
+    overwritten since is named (and, its ETag changed, also as changed since published); without a job file the
+    module says which file it needs."""
+    args = {"bucket": queue_bucket, "check_xor": True}
+    assert "job file s3://%s/job.json" % queue_bucket in run_module("task_info", **args)["msg"]
+    assert make_worker(inline_runner).run() == 0
+    ok("job", job=xor_job(queue_bucket).as_dict())
+    assert ok("task_info", **args)["outputs"]["wrong"] == []
+    s3.put_object(Bucket=queue_bucket, Key="out1.dat", Body=b"not the XOR")
+    wrong = ok("task_info", **args)["outputs"]["wrong"]
+    assert len(wrong) == 2 and wrong[-1] == "in1.dat: output out1.dat differs from input XOR kernel"

@@ -4,6 +4,7 @@ slots, signals and the trace."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import io
@@ -23,25 +24,10 @@ import pytest
 
 from ansible_collections.cicc.cloud.plugins.module_utils import dataset
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
+from ansible_collections.cicc.cloud.tests.helpers import list_keys, read_body, upload
 from conftest import xor_job
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _body(s3, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys += [item["Key"] for item in page.get("Contents", [])]
-    return keys
-
-
-def _upload(s3, bucket: str, objects: dict[str, bytes]) -> None:
-    for key, body in objects.items():
-        s3.put_object(Bucket=bucket, Key=key, Body=body)
 
 
 def _worker_command(job: str, endpoint: str) -> list[str]:
@@ -50,9 +36,7 @@ def _worker_command(job: str, endpoint: str) -> list[str]:
 
 
 def _expected(s3, bucket: str, name: str) -> bytes:
-    data = np.frombuffer(_body(s3, bucket, name), dtype=np.uint8)
-    kernel = np.frombuffer(_body(s3, bucket, "kernel.dat"), dtype=np.uint8)
-    return (data ^ np.resize(kernel, data.size)).tobytes()
+    return dataset.xor_tiled(read_body(s3, bucket, name), read_body(s3, bucket, "kernel.dat"))
 
 
 def _run_all(workers) -> list[int]:
@@ -70,10 +54,10 @@ def _run_all(workers) -> list[int]:
 
 
 def _assert_drained(s3, bucket: str, done: list[str]) -> None:
-    assert _body(s3, bucket, "tasklist.txt").strip() == b""
-    completed = _body(s3, bucket, "completed.txt").decode().splitlines()
+    assert read_body(s3, bucket, "tasklist.txt").strip() == b""
+    completed = read_body(s3, bucket, "completed.txt").decode().splitlines()
     assert sorted(completed) == sorted(done) and len(set(completed)) == len(completed)
-    assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "compaction.json") == []
+    assert list_keys(s3, bucket, "locks/") == [] and list_keys(s3, bucket, "compaction.json") == []
 
 
 @pytest.fixture(scope="module")
@@ -86,22 +70,22 @@ def test_seed_scenario_three_workers_with_the_processing_container(
     s3, bucket, make_worker, worker_module, docker_client, process_image
 ):
     seed = dataset.build_dataset(seed=121325)
-    _upload(s3, bucket, seed)
+    upload(s3, bucket, seed)
     runner = worker_module.DockerRunner()
     workers = [make_worker(runner, owner=f"i-seed{i}", slots=1) for i in range(3)]
     assert _run_all(workers) == [0, 0, 0]
 
     for i in range(10):
-        assert _body(s3, bucket, f"out{i}.dat") == _expected(s3, bucket, f"in{i}.dat"), f"out{i}.dat"
+        assert read_body(s3, bucket, f"out{i}.dat") == _expected(s3, bucket, f"in{i}.dat"), f"out{i}.dat"
     for i in range(3):
-        assert _body(s3, bucket, f"out{i}.dat") == seed[f"out{i}.dat"]  # untouched
+        assert read_body(s3, bucket, f"out{i}.dat") == seed[f"out{i}.dat"]  # untouched
     _assert_drained(s3, bucket, [f"in{i}.dat" for i in range(10)])
     assert sorted(sum((w.done for w in workers), [])) == [f"in{i}.dat" for i in range(3, 10)]
     assert not docker_client.containers.list(all=True, filters={"label": ["cicc.task", "cicc.job=xor"]})
     # Each done task has its manifest: the files, the input and the image that made them.
     image_id = docker_client.images.get(process_image).id
     for i in range(3, 10):
-        manifest = json.loads(_body(s3, bucket, f"manifests/in{i}.dat.json"))
+        manifest = json.loads(read_body(s3, bucket, f"manifests/in{i}.dat.json"))
         assert [entry["key"] for entry in manifest["files"]] == [f"out{i}.dat"]
         assert manifest["files"][0]["etag"] == s3.head_object(Bucket=bucket, Key=f"out{i}.dat")["ETag"]
         assert manifest["input"]["etag"] == s3.head_object(Bucket=bucket, Key=f"in{i}.dat")["ETag"]
@@ -112,26 +96,44 @@ def test_seed_scenario_three_workers_with_the_processing_container(
 @pytest.mark.both_s3
 def test_sixteen_workers_on_500_tasks_do_each_exactly_once(s3, bucket, make_worker, inline_runner):
     names = [f"in{i:03d}.dat" for i in range(500)]
-    _upload(s3, bucket, {name: os.urandom(64) for name in names})
-    _upload(s3, bucket, {"kernel.dat": os.urandom(8), "tasklist.txt": tq._lines(names)})
+    upload(s3, bucket, {name: os.urandom(64) for name in names})
+    upload(s3, bucket, {"kernel.dat": os.urandom(8), "tasklist.txt": tq._lines(names)})
     workers = [make_worker(inline_runner, owner=f"w{i}") for i in range(16)]
     assert _run_all(workers) == [0] * 16
 
     assert sorted(inline_runner.runs) == names  # processed once each, never twice
     assert sorted(sum((w.done for w in workers), [])) == names
     _assert_drained(s3, bucket, names)
-    outputs = [key for key in _keys(s3, bucket) if key.startswith("out")]
+    outputs = [key for key in list_keys(s3, bucket) if key.startswith("out")]
     assert len(outputs) == 500
 
 
 @pytest.mark.both_s3
-def test_row2_killed_after_claiming_is_taken_over_once(s3, bucket, make_worker, inline_runner):
-    _upload(s3, bucket, {"in1.dat": b"abcd", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\n"})
-    queue = tq.Queue(bucket, lease_seconds=2)
-    tq.claim(s3, queue, "in1.dat", "killed")  # and then nothing: the worker died
-    workers = [make_worker(inline_runner, owner=f"w{i}", lease_seconds=2) for i in range(3)]
-    assert _run_all(workers) == [0, 0, 0]
+def test_row2_killed_after_claiming_is_taken_over_once(s3, bucket, s3_endpoint, tmp_path, make_worker, inline_runner):
+    """A worker process killed with SIGKILL while its task runs: its lease runs out and one of the workers
+    after it takes the task over, once."""
+    upload(s3, bucket, {"in1.dat": b"abcd", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\n"})
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(xor_job(bucket).as_dict()))
+    argv = _worker_command(str(job_file), s3_endpoint)
+    argv += ["--workdir", str(tmp_path / "killed"), "--lease-seconds", "2", "--instance-id", "i-killed"]
+    argv += ["--runner", "process", "--program", _slow_program(tmp_path, 60)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
+    killed = subprocess.Popen(argv, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not list_keys(s3, bucket, "locks/"):
+            assert time.monotonic() < deadline and killed.poll() is None
+            time.sleep(0.05)
+        killed.kill()
+        assert killed.wait(10) == -signal.SIGKILL
+        workers = [make_worker(inline_runner, owner=f"w{i}", lease_seconds=2) for i in range(3)]
+        assert _run_all(workers) == [0, 0, 0]
+    finally:  # its processing child, orphaned, goes too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)
     assert inline_runner.runs == ["in1.dat"]
+    assert json.loads(read_body(s3, bucket, tq.Queue(bucket).manifest_key("in1.dat")))["attempt"] == 2
     _assert_drained(s3, bucket, ["in1.dat"])
 
 
@@ -148,7 +150,7 @@ def _slow_program(tmp_path: Path, seconds: float) -> str:
 
 @pytest.mark.both_s3
 def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, s3_endpoint, tmp_path, make_worker, worker_module):
-    _upload(s3, bucket, {"in1.dat": os.urandom(100), "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
+    upload(s3, bucket, {"in1.dat": os.urandom(100), "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(xor_job(bucket).as_dict()))
     argv = _worker_command(str(job_file), s3_endpoint)
@@ -156,7 +158,7 @@ def test_row4_paused_worker_is_refused_after_takeover(s3, bucket, s3_endpoint, t
     argv += ["--runner", "process", "--program", _slow_program(tmp_path, 1.5)]
     paused = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT / ".collections")})
     deadline = time.monotonic() + 30
-    while not _keys(s3, bucket, "locks/"):
+    while not list_keys(s3, bucket, "locks/"):
         assert time.monotonic() < deadline and paused.poll() is None
         time.sleep(0.05)
     os.kill(paused.pid, signal.SIGSTOP)
@@ -178,7 +180,7 @@ def test_a_task_claimed_ahead_and_taken_over_meanwhile_is_not_run(s3, bucket, ma
     """The task claimed ahead waits while the one in hand runs (or, under throttling, while its outputs
     are published); if another worker took it over meanwhile, it is not run a second time."""
     names = ["t1.dat", "t2.dat"]
-    _upload(s3, bucket, {"kernel.dat": b"k", "t1.dat": b"one", "t2.dat": b"two", "tasklist.txt": b"t1.dat\nt2.dat\n"})
+    upload(s3, bucket, {"kernel.dat": b"k", "t1.dat": b"one", "t2.dat": b"two", "tasklist.txt": b"t1.dat\nt2.dat\n"})
     queue = tq.Queue(bucket)
 
     class TakenOverMeanwhile:
@@ -243,7 +245,7 @@ def test_row6_worker_killed_mid_upload_leaves_no_partial_output(
     s3, bucket, s3_endpoint, tmp_path, make_worker, inline_runner
 ):
     data = os.urandom(4 * 1024 * 1024)
-    _upload(s3, bucket, {"in1.dat": data, "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
+    upload(s3, bucket, {"in1.dat": data, "kernel.dat": b"key", "tasklist.txt": b"in1.dat\n"})
     output = tmp_path / "out1.dat"
     output.write_bytes(os.urandom(len(data)))
     env = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
@@ -259,10 +261,10 @@ def test_row6_worker_killed_mid_upload_leaves_no_partial_output(
     finally:
         dying.kill()
     assert dying.wait(10) == -signal.SIGKILL
-    assert "out1.dat" not in _keys(s3, bucket), "a partial output is visible"
+    assert "out1.dat" not in list_keys(s3, bucket), "a partial output is visible"
     time.sleep(2.5)  # the dead worker's lease runs out
     assert make_worker(inline_runner, "next", lease_seconds=2).run() == 0
-    assert _body(s3, bucket, "out1.dat") == _expected(s3, bucket, "in1.dat")
+    assert read_body(s3, bucket, "out1.dat") == _expected(s3, bucket, "in1.dat")
     _assert_drained(s3, bucket, ["in1.dat"])
 
 
@@ -279,46 +281,46 @@ def test_row6_worker_killed_mid_upload_leaves_no_partial_output(
 def test_row9_failing_processing_counts_attempts_then_fails(
     s3, bucket, tmp_path, make_worker, worker_module, program, reason
 ):
-    _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
     script = tmp_path / "broken.py"
     script.write_text(program)
     worker = make_worker(worker_module.ProcessRunner(str(script)), attempts=2, timeout_seconds=1)
     assert worker.run() == 0
     assert sorted(worker.failed) == ["in1.dat", "in2.dat"]
-    record = json.loads(_body(s3, bucket, "failed/in1.dat.json"))
+    record = json.loads(read_body(s3, bucket, "failed/in1.dat.json"))
     assert record["attempts"] == 2 and reason in record["reason"]
-    assert sorted(_body(s3, bucket, "failed.txt").decode().split()) == ["in1.dat", "in2.dat"]
-    assert _body(s3, bucket, "tasklist.txt") == b""
-    assert [key for key in _keys(s3, bucket) if key.startswith("out")] == []
-    assert _keys(s3, bucket, "locks/") == []
+    assert sorted(read_body(s3, bucket, "failed.txt").decode().split()) == ["in1.dat", "in2.dat"]
+    assert read_body(s3, bucket, "tasklist.txt") == b""
+    assert [key for key in list_keys(s3, bucket) if key.startswith("out")] == []
+    assert list_keys(s3, bucket, "locks/") == []
 
 
 @pytest.mark.both_s3
 def test_row12_empty_or_finished_queue_every_worker_exits(s3, bucket, make_worker, inline_runner):
-    _upload(s3, bucket, {"kernel.dat": b"k", "tasklist.txt": b""})
+    upload(s3, bucket, {"kernel.dat": b"k", "tasklist.txt": b""})
     assert _run_all([make_worker(inline_runner, owner=f"w{i}") for i in range(3)]) == [0, 0, 0]
     # Done before: its manifest says so (an output alone would not).
     manifest = json.dumps({"task": "in1.dat", "files": [{"name": "out1.dat", "key": "out1.dat"}]}).encode()
-    _upload(s3, bucket, {"in1.dat": b"a", "out1.dat": b"done before", "manifests/in1.dat.json": manifest})
-    _upload(s3, bucket, {"tasklist.txt": b"in1.dat\n"})
+    upload(s3, bucket, {"in1.dat": b"a", "out1.dat": b"done before", "manifests/in1.dat.json": manifest})
+    upload(s3, bucket, {"tasklist.txt": b"in1.dat\n"})
     assert _run_all([make_worker(inline_runner, owner=f"w{i}") for i in range(3)]) == [0, 0, 0]
     assert inline_runner.runs == []
     _assert_drained(s3, bucket, ["in1.dat"])
-    assert _body(s3, bucket, "out1.dat") == b"done before"
+    assert read_body(s3, bucket, "out1.dat") == b"done before"
 
 
 @pytest.mark.both_s3
 def test_output_left_by_another_run_is_never_overwritten(s3, bucket, make_worker, inline_runner):
     """An output key holding other bytes (an earlier run on other inputs): the task fails saying so, the
     object stays; one holding the very bytes this run makes (an attempt that died before its manifest) counts."""
-    _upload(s3, bucket, {"kernel.dat": b"k", "in1.dat": b"abc", "in2.dat": b"xyz", "out1.dat": b"stale"})
-    _upload(s3, bucket, {"out2.dat": bytes(a ^ ord("k") for a in b"xyz"), "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    upload(s3, bucket, {"kernel.dat": b"k", "in1.dat": b"abc", "in2.dat": b"xyz", "out1.dat": b"stale"})
+    upload(s3, bucket, {"out2.dat": bytes(a ^ ord("k") for a in b"xyz"), "tasklist.txt": b"in1.dat\nin2.dat\n"})
     worker = make_worker(inline_runner)
     assert worker.run() == 0
     assert worker.failed == ["in1.dat"] and worker.done == ["in2.dat"]
-    assert _body(s3, bucket, "out1.dat") == b"stale"
-    assert "exists with other content" in json.loads(_body(s3, bucket, "failed/in1.dat.json"))["reason"]
-    assert json.loads(_body(s3, bucket, "manifests/in2.dat.json"))["files"][0]["key"] == "out2.dat"
+    assert read_body(s3, bucket, "out1.dat") == b"stale"
+    assert "exists with other content" in json.loads(read_body(s3, bucket, "failed/in1.dat.json"))["reason"]
+    assert json.loads(read_body(s3, bucket, "manifests/in2.dat.json"))["files"][0]["key"] == "out2.dat"
 
 
 @pytest.mark.both_s3
@@ -330,50 +332,50 @@ def test_stale_outputs_are_made_again_only_on_request(s3, bucket, make_worker, i
     from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
 
     names, stale = ["in1.dat", "in2.dat", "in3.dat"], ["in1.dat", "in2.dat"]
-    _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
-    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
+    upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
     assert make_worker(inline_runner).run() == 0
     queue = tq.Queue(bucket)
     before = {name: tq.read_manifest(s3, queue, name) for name in names}
-    _upload(s3, bucket, {"in1.dat": b"one, again", "in2.dat": b"two, again", "out2.dat": b"edited by hand"})
+    upload(s3, bucket, {"in1.dat": b"one, again", "in2.dat": b"two, again", "out2.dat": b"edited by hand"})
     checked = tq.check_outputs(s3, queue, names)
     assert [entry["task"] for entry in checked["stale"]] == stale and len(checked["wrong"]) == 1
     assert make_worker(inline_runner, owner="next").run() == 0 and sorted(inline_runner.runs) == names
 
-    snapshot = {key: s3.head_object(Bucket=bucket, Key=key)["ETag"] for key in _keys(s3, bucket)}
+    snapshot = {key: s3.head_object(Bucket=bucket, Key=key)["ETag"] for key in list_keys(s3, bucket)}
     assert tq.recompute(s3, queue, ["in1.dat", "in2.dat", "made-by-hand.dat"], check_mode=True) == stale
-    assert {key: s3.head_object(Bucket=bucket, Key=key)["ETag"] for key in _keys(s3, bucket)} == snapshot
+    assert {key: s3.head_object(Bucket=bucket, Key=key)["ETag"] for key in list_keys(s3, bucket)} == snapshot
     assert tq.recompute(s3, queue, stale) == stale
     assert tq.recompute(s3, queue, stale) == stale  # cut short or run twice: queued once
-    assert _body(s3, bucket, "tasklist.txt").decode().splitlines() == stale
+    assert read_body(s3, bucket, "tasklist.txt").decode().splitlines() == stale
     assert make_worker(inline_runner, owner="again").run() == 0
     assert sorted(inline_runner.runs) == sorted(names + stale)
 
-    assert _body(s3, bucket, "out1.dat") == _expected(s3, bucket, "in1.dat")
+    assert read_body(s3, bucket, "out1.dat") == _expected(s3, bucket, "in1.dat")
     made = tq.read_manifest(s3, queue, "in1.dat")
     assert made["input"]["etag"] == s3.head_object(Bucket=bucket, Key="in1.dat")["ETag"]
     assert made["files"][0]["replaced"] == before["in1.dat"]["files"][0]["etag"]
     assert tq.superseded_manifests(s3, queue, "in1.dat") == [before["in1.dat"]]
-    assert _body(s3, bucket, "out2.dat") == b"edited by hand" and tq.read_manifest(s3, queue, "in2.dat") is None
-    assert "exists with other content" in json.loads(_body(s3, bucket, queue.failed_key("in2.dat")))["reason"]
+    assert read_body(s3, bucket, "out2.dat") == b"edited by hand" and tq.read_manifest(s3, queue, "in2.dat") is None
+    assert "exists with other content" in json.loads(read_body(s3, bucket, queue.failed_key("in2.dat")))["reason"]
     assert tq.check_outputs(s3, queue, ["in1.dat", "in3.dat"])["stale"] == []
     outcomes = [(row["task"], row["outcome"]) for row in run_trace.read_trace(s3, bucket, "")]
     assert sorted(outcomes) == sorted([(name, "done") for name in names] + [("in1.dat", "done"), ("in2.dat", "failed")])
-    assert _body(s3, bucket, "tasklist.txt").strip() == b"" and _keys(s3, bucket, "locks/") == []
-    assert sorted(_body(s3, bucket, "completed.txt").decode().splitlines()) == ["in1.dat", "in3.dat"]
-    assert _body(s3, bucket, "failed.txt").decode().splitlines() == ["in2.dat"]
+    assert read_body(s3, bucket, "tasklist.txt").strip() == b"" and list_keys(s3, bucket, "locks/") == []
+    assert sorted(read_body(s3, bucket, "completed.txt").decode().splitlines()) == ["in1.dat", "in3.dat"]
+    assert read_body(s3, bucket, "failed.txt").decode().splitlines() == ["in2.dat"]
 
 
 def test_task_limit_stops_the_worker_and_leaves_the_rest(s3, bucket, make_worker, inline_runner, caplog):
     """max_tasks=1, the seed's one task per boot: each worker takes one task and stops; the queue drains."""
     names = [f"in{i}.dat" for i in range(3)]
-    _upload(s3, bucket, {"kernel.dat": b"k", **{name: b"data" for name in names}})
-    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    upload(s3, bucket, {"kernel.dat": b"k", **{name: b"data" for name in names}})
+    upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
     with caplog.at_level("INFO", logger="cicc-worker"):
         assert make_worker(inline_runner, owner="w1", max_tasks=1).run() == 0
     assert len(inline_runner.runs) == 1
     assert "task limit reached: 1 completed, 0 failed by w1" in caplog.text
-    assert len(_body(s3, bucket, "completed.txt").split()) == 1
+    assert len(read_body(s3, bucket, "completed.txt").split()) == 1
     assert _run_all([make_worker(inline_runner, owner=f"w{i}", max_tasks=1) for i in (2, 3, 4)]) == [0, 0, 0]
     assert len(inline_runner.runs) == len(names)
     _assert_drained(s3, bucket, names)
@@ -433,8 +435,8 @@ class NoticeDuringTask:
 
 def test_row10_spot_notice_gives_back_the_task_and_stops(s3, bucket, make_worker, inline_runner, worker_module, caplog):
     names = ["in1.dat", "in2.dat"]
-    _upload(s3, bucket, {"kernel.dat": b"k", **{name: b"data" for name in names}})
-    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    upload(s3, bucket, {"kernel.dat": b"k", **{name: b"data" for name in names}})
+    upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
     metadata = FakeMetadata()
     try:
         runner = NoticeDuringTask(metadata, worker_module)
@@ -446,8 +448,8 @@ def test_row10_spot_notice_gives_back_the_task_and_stops(s3, bucket, make_worker
             assert worker.slots == 2 and runner.runs and runner.cancelled.is_set()
             assert caplog.text.count("gave back") == 2
             assert "spot interruption: 0 completed, 0 failed by spot" in caplog.text
-            assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "failed/") == []
-            assert not [key for key in _keys(s3, bucket) if key.startswith("out")]
+            assert list_keys(s3, bucket, "locks/") == [] and list_keys(s3, bucket, "failed/") == []
+            assert not [key for key in list_keys(s3, bucket) if key.startswith("out")]
             # The next worker takes both tasks, the given-back one at its first attempt again.
             assert make_worker(inline_runner, "next").run() == 0
     finally:
@@ -475,28 +477,28 @@ def test_row11_refused_termination_falls_back_to_shutdown(worker_module, monkeyp
 
 def test_bad_inputs_are_recorded_and_lose_nothing(s3, bucket, make_worker, inline_runner, worker_module, monkeypatch):
     tasklist = b"\xef\xbb\xbfin1.dat\r\nmissing.dat\r\n../escape.dat\r\nhuge.dat \r\nempty.dat\nin1.dat"
-    _upload(s3, bucket, {"in1.dat": b"abc", "huge.dat": b"x" * 4096, "empty.dat": b"", "kernel.dat": b"kk"})
-    _upload(s3, bucket, {"tasklist.txt": tasklist})
+    upload(s3, bucket, {"in1.dat": b"abc", "huge.dat": b"x" * 4096, "empty.dat": b"", "kernel.dat": b"kk"})
+    upload(s3, bucket, {"tasklist.txt": tasklist})
     real_usage = worker_module.shutil.disk_usage
     monkeypatch.setattr(worker_module.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=3000))
     worker = make_worker(inline_runner)
     assert worker.run() == 0
     assert sorted(worker.done) == ["empty.dat", "in1.dat"]
-    assert _body(s3, bucket, "out_empty.dat") == b""
-    assert "is missing" in json.loads(_body(s3, bucket, "failed/missing.dat.json"))["reason"]
-    assert "local disk allows" in json.loads(_body(s3, bucket, "failed/huge.dat.json"))["reason"]
-    assert "../escape.dat\tcontains a path separator" in _body(s3, bucket, "rejected.txt").decode()
-    assert _body(s3, bucket, "tasklist.txt") == b""
+    assert read_body(s3, bucket, "out_empty.dat") == b""
+    assert "is missing" in json.loads(read_body(s3, bucket, "failed/missing.dat.json"))["reason"]
+    assert "local disk allows" in json.loads(read_body(s3, bucket, "failed/huge.dat.json"))["reason"]
+    assert "../escape.dat\tcontains a path separator" in read_body(s3, bucket, "rejected.txt").decode()
+    assert read_body(s3, bucket, "tasklist.txt") == b""
     assert not list((Path(worker.settings.workdir)).glob("**/escape.dat"))
 
 
 @pytest.mark.parametrize("kernel", [None, b""], ids=["missing", "empty"])
 def test_unusable_kernel_claims_nothing(s3, bucket, make_worker, inline_runner, kernel):
-    _upload(s3, bucket, {"in1.dat": b"abc", "tasklist.txt": b"in1.dat\n"})
+    upload(s3, bucket, {"in1.dat": b"abc", "tasklist.txt": b"in1.dat\n"})
     if kernel is not None:
-        _upload(s3, bucket, {"kernel.dat": kernel})
+        upload(s3, bucket, {"kernel.dat": kernel})
     assert make_worker(inline_runner).run() == 2
-    assert _keys(s3, bucket, "locks/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\n"
+    assert list_keys(s3, bucket, "locks/") == [] and read_body(s3, bucket, "tasklist.txt") == b"in1.dat\n"
 
 
 # --- jobs: exit-code rules, slots, a bad job, an image from the bucket ------------------------------------
@@ -504,26 +506,26 @@ def test_unusable_kernel_claims_nothing(s3, bucket, make_worker, inline_runner, 
 
 def test_exit_code_rules_retry_or_fail_at_once(s3, bucket, tmp_path, make_worker, worker_module):
     """As AWS Batch's evaluateOnExit: the first matching rule decides; 75 retries up to the attempts, 1 fails at once."""
-    _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
     script = tmp_path / "exits.py"
     script.write_text("import sys\nsys.exit(75 if any(arg.endswith('in1.dat') for arg in sys.argv) else 1)\n")
     rules = [{"on_exit_code": "75", "action": "retry"}, {"on_exit_code": "*", "action": "fail"}]
     job = xor_job(bucket, retry={"attempts": 3, "evaluate_on_exit": rules})
     worker = make_worker(worker_module.ProcessRunner(str(script)), job=job, slots=1)
     assert worker.run() == 0
-    retried = json.loads(_body(s3, bucket, "failed/in1.dat.json"))
+    retried = json.loads(read_body(s3, bucket, "failed/in1.dat.json"))
     assert retried["attempts"] == 3 and "gave up after 3 attempts" in retried["reason"]
     assert "exited with code 75 (retry by the job's rules)" in retried["reason"]
-    failed = json.loads(_body(s3, bucket, "failed/in2.dat.json"))
+    failed = json.loads(read_body(s3, bucket, "failed/in2.dat.json"))
     assert failed["attempts"] == 1 and "exited with code 1 (fail by the job's rules)" in failed["reason"]
-    assert sorted(worker.failed) == ["in1.dat", "in2.dat"] and _keys(s3, bucket, "locks/") == []
+    assert sorted(worker.failed) == ["in1.dat", "in2.dat"] and list_keys(s3, bucket, "locks/") == []
 
 
 def test_slots_run_two_tasks_of_one_machine_at_once(s3, bucket, make_worker, inline_runner, worker_module):
     """Two slots on this 2-vCPU machine for a job of 1 CPU: two tasks in flight at once, each done once."""
     names = [f"in{i}.dat" for i in range(6)]
-    _upload(s3, bucket, {"kernel.dat": b"k", **{name: name.encode() for name in names}})
-    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    upload(s3, bucket, {"kernel.dat": b"k", **{name: name.encode() for name in names}})
+    upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
     together, met = threading.Barrier(2, timeout=30), set()
 
     class InPairs:
@@ -546,24 +548,24 @@ def test_slots_run_two_tasks_of_one_machine_at_once(s3, bucket, make_worker, inl
     assert worker.run() == 0
     assert worker.slots == 2
     assert sorted(inline_runner.runs) == names and sorted(worker.done) == names
-    owners = {json.loads(_body(s3, bucket, f"manifests/{name}.json"))["owner"] for name in names}
+    owners = {json.loads(read_body(s3, bucket, f"manifests/{name}.json"))["owner"] for name in names}
     assert owners == {"w1#0", "w1#1"}
     _assert_drained(s3, bucket, names)
 
 
 def test_a_bad_job_at_boot_claims_nothing_and_says_why(s3, bucket, emulator, tmp_path):
     bad = {**xor_job(bucket).as_dict(), "name": "Bad Name", "cpus": 0}
-    _upload(s3, bucket, {"job.json": json.dumps(bad).encode(), "in1.dat": b"x", "kernel.dat": b"k"})
-    _upload(s3, bucket, {"tasklist.txt": b"in1.dat\n"})
+    upload(s3, bucket, {"job.json": json.dumps(bad).encode(), "in1.dat": b"x", "kernel.dat": b"k"})
+    upload(s3, bucket, {"tasklist.txt": b"in1.dat\n"})
     argv = _worker_command(f"s3://{bucket}/job.json", emulator)
     argv += ["--workdir", str(tmp_path), "--instance-id", "i-badjob"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
-    log = _body(s3, bucket, "logs/i-badjob/log.txt").decode()
+    log = read_body(s3, bucket, "logs/i-badjob/log.txt").decode()
     assert f"the job s3://{bucket}/job.json is refused" in log and "no task claimed" in log
     assert "name is 'Bad Name'" in log and "cpus is 0" in log
-    assert _keys(s3, bucket, "locks/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\n"
+    assert list_keys(s3, bucket, "locks/") == [] and read_body(s3, bucket, "tasklist.txt") == b"in1.dat\n"
 
 
 def _summary_job(bucket: str, **image):
@@ -586,7 +588,7 @@ def test_summary_job_image_comes_from_the_bucket(
 
     archive, image_id = summary_archive
     inputs = {f"in{i}.dat": os.urandom(1000 * (i + 1)) for i in range(3)}
-    _upload(s3, bucket, {**inputs, "kernel.dat": b"not an input"})
+    upload(s3, bucket, {**inputs, "kernel.dat": b"not an input"})
     s3.upload_file(str(archive), bucket, "summary/images/cicc-summary.tar")
     job = _summary_job(bucket, digest=image_id)
     queue = tq.Queue(bucket, job.prefix, input_prefix=job.input_prefix)
@@ -597,28 +599,30 @@ def test_summary_job_image_comes_from_the_bucket(
     assert worker.run() == 0 and sorted(worker.done) == sorted(inputs)
     assert docker_client.images.get("cicc-summary:latest").id == image_id
     for name, data in inputs.items():
-        summary = json.loads(_body(s3, bucket, f"summary/results/{name}/summary.json"))
+        summary = json.loads(read_body(s3, bucket, f"summary/results/{name}/summary.json"))
         assert summary["size"] == len(data) and summary["sha256"] == hashlib.sha256(data).hexdigest()
         assert (summary["min"], summary["max"]) == (min(data), max(data))
-        histogram = np.load(io.BytesIO(_body(s3, bucket, f"summary/results/{name}/histogram.npy")))
+        histogram = np.load(io.BytesIO(read_body(s3, bucket, f"summary/results/{name}/histogram.npy")))
         assert histogram.tolist() == [data.count(value) for value in range(256)]
-        manifest = json.loads(_body(s3, bucket, f"summary/manifests/{name}.json"))
+        manifest = json.loads(read_body(s3, bucket, f"summary/manifests/{name}.json"))
         assert manifest["image"]["id"] == image_id
         assert sorted(entry["name"] for entry in manifest["files"]) == ["histogram.npy", "summary.json"]
-    assert sorted(_body(s3, bucket, "summary/completed.txt").decode().split()) == sorted(inputs)
+    assert sorted(read_body(s3, bucket, "summary/completed.txt").decode().split()) == sorted(inputs)
 
     # An archive that is not the image the job names by ID: refused before any claim.
-    _upload(s3, bucket, {"summary/tasklist.txt": b"in9.dat\n", "in9.dat": b"pending"})
+    upload(s3, bucket, {"summary/tasklist.txt": b"in9.dat\n", "in9.dat": b"pending"})
     wrong = _summary_job(bucket, digest="sha256:" + "0" * 64)
     assert make_worker(worker_module.DockerRunner(), owner="i-wrong", job=wrong).run() == 2
-    assert _keys(s3, bucket, "summary/locks/") == [] and _body(s3, bucket, "summary/tasklist.txt") == b"in9.dat\n"
+    assert (
+        list_keys(s3, bucket, "summary/locks/") == [] and read_body(s3, bucket, "summary/tasklist.txt") == b"in9.dat\n"
+    )
 
 
 @pytest.mark.both_s3
 def test_row13_sigterm_mid_task_gives_back_and_exits_within_ten_seconds(s3, bucket, s3_endpoint, tmp_path):
     """systemctl stop, a shutdown, Ctrl-C: no more claims, the running program stopped, the task given back without
     counting an attempt, the log uploaded, exit 0 within 10 s."""
-    _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(xor_job(bucket).as_dict()))
     program = tmp_path / "forever.py"
@@ -634,7 +638,7 @@ def test_row13_sigterm_mid_task_gives_back_and_exits_within_ten_seconds(s3, buck
         assert time.monotonic() < deadline and worker.poll() is None
         time.sleep(0.05)
     # Both tasks are claimed: one runs, the next is staged beside it.
-    while len(_keys(s3, bucket, "locks/")) < 2:
+    while len(list_keys(s3, bucket, "locks/")) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     stopped = time.monotonic()
@@ -643,9 +647,9 @@ def test_row13_sigterm_mid_task_gives_back_and_exits_within_ten_seconds(s3, buck
     assert time.monotonic() - stopped < 10
     child = int((tmp_path / "pids").read_text().split()[0])
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
-    assert _keys(s3, bucket, "locks/") == [] and _keys(s3, bucket, "failed/") == []
-    assert _body(s3, bucket, "tasklist.txt") == b"in1.dat\nin2.dat\n"
-    log = _body(s3, bucket, "logs/i-stopped/log.txt").decode()
+    assert list_keys(s3, bucket, "locks/") == [] and list_keys(s3, bucket, "failed/") == []
+    assert read_body(s3, bucket, "tasklist.txt") == b"in1.dat\nin2.dat\n"
+    log = read_body(s3, bucket, "logs/i-stopped/log.txt").decode()
     assert "stopped by SIGTERM: no more claims" in log and "stopped by SIGTERM: 0 completed, 0 failed" in log
 
 
@@ -672,7 +676,7 @@ def test_a_second_signal_exits_at_once(worker_module, monkeypatch):
 def test_an_unexpected_error_in_a_slot_ends_the_run_as_an_error(s3, bucket, make_worker, worker_module):
     """The slot stops and says why; the task it had claimed ahead is given back at once (its first attempt
     still), the one in hand keeps its lock until the lease runs out, as after a crash; the exit code is 1."""
-    _upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
+    upload(s3, bucket, {"in1.dat": b"x", "in2.dat": b"y", "kernel.dat": b"k", "tasklist.txt": b"in1.dat\nin2.dat\n"})
     staged_ahead = threading.Event()
 
     class Broken:
@@ -697,9 +701,9 @@ def test_an_unexpected_error_in_a_slot_ends_the_run_as_an_error(s3, bucket, make
 
     worker._take = take
     assert worker.run() == worker_module.EXIT_ERROR and worker.failed_slots == 1
-    locks = _keys(s3, bucket, "locks/")
-    assert len(locks) == 1 and json.loads(_body(s3, bucket, locks[0]))["owner"] == "w1"
-    assert _keys(s3, bucket, "failed/") == [] and _body(s3, bucket, "tasklist.txt") == b"in1.dat\nin2.dat\n"
+    locks = list_keys(s3, bucket, "locks/")
+    assert len(locks) == 1 and json.loads(read_body(s3, bucket, locks[0]))["owner"] == "w1"
+    assert list_keys(s3, bucket, "failed/") == [] and read_body(s3, bucket, "tasklist.txt") == b"in1.dat\nin2.dat\n"
 
 
 class _FaultyS3(http.server.ThreadingHTTPServer):
@@ -787,8 +791,8 @@ def test_row14_throttled_s3_loses_nothing_and_does_nothing_twice(s3, bucket, s3_
     """A third of the requests answered 503 SlowDown, some 500: the workers back off with jitter and retry; every
     task is done exactly once, nothing failed, the lists exact."""
     names = [f"in{i:02d}.dat" for i in range(30)]
-    _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
-    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
+    upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
     proxy = _FaultyS3(s3_endpoint, every=3, every_500=7)
     try:
         workers = [make_worker(inline_runner, owner=f"w{i}", endpoint_url=proxy.url) for i in range(4)]
@@ -799,7 +803,7 @@ def test_row14_throttled_s3_loses_nothing_and_does_nothing_twice(s3, bucket, s3_
     assert sorted(inline_runner.runs) == names  # each processed once
     assert sorted(sum((w.done for w in workers), [])) == names and not sum((w.failed for w in workers), [])
     _assert_drained(s3, bucket, names)
-    assert len(_keys(s3, bucket, "manifests/")) == len(names)
+    assert len(list_keys(s3, bucket, "manifests/")) == len(names)
 
 
 @pytest.mark.both_s3
@@ -807,8 +811,8 @@ def test_row15_s3_unreachable_for_30_s_workers_wait_and_resume(s3, bucket, s3_en
     """S3 drops every connection for 30 s mid-run: the workers wait and resume; a lease that ran out in the
     outage is taken over once, and every task still ends completed once, its output published once."""
     names = [f"in{i:02d}.dat" for i in range(24)]
-    _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
-    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() for name in names}})
+    upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
 
     class Slow:
         def prepare(self, job, fetch):
@@ -837,14 +841,14 @@ def test_row15_s3_unreachable_for_30_s_workers_wait_and_resume(s3, bucket, s3_en
     assert codes == [[0, 0, 0]] and proxy.dropped > 0
     # A task whose completion went unanswered is not in its worker's count; the lists say it is done.
     _assert_drained(s3, bucket, names)
-    assert not sum((w.failed for w in workers), []) and _keys(s3, bucket, "failed/") == []
-    attempts = {name: json.loads(_body(s3, bucket, f"manifests/{name}.json"))["attempt"] for name in names}
+    assert not sum((w.failed for w in workers), []) and list_keys(s3, bucket, "failed/") == []
+    attempts = {name: json.loads(read_body(s3, bucket, f"manifests/{name}.json"))["attempt"] for name in names}
     taken_over = {name for name, attempt in attempts.items() if attempt == 2}
     # At most the tasks in hand when S3 went: each worker's current one and the one it claimed ahead.
     assert max(attempts.values()) <= 2 and len(taken_over) <= 6
     assert {name for name in names if inline_runner.runs.count(name) > 1} <= taken_over
     for name in names:
-        assert _body(s3, bucket, f"out{name[2:]}") == _expected(s3, bucket, name)
+        assert read_body(s3, bucket, f"out{name[2:]}") == _expected(s3, bucket, name)
 
 
 @pytest.mark.both_s3
@@ -854,8 +858,8 @@ def test_every_attempt_is_traced_and_the_requests_add_up(
     """Each attempt ends as one trace row (outcome, ordered times, bytes, ETags, machine, code), each worker's
     run as one record; their S3 requests add up to what a counting proxy in front of S3 saw."""
     names = [f"in{i}.dat" for i in range(8)]
-    _upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() * 3 for name in names}})
-    _upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
+    upload(s3, bucket, {"kernel.dat": b"kk", **{name: name.encode() * 3 for name in names}})
+    upload(s3, bucket, {"tasklist.txt": "".join(f"{name}\n" for name in names).encode()})
 
     class FailingSome:
         def prepare(self, job, fetch):

@@ -1,0 +1,68 @@
+"""What the integration tests share to read the emulator and Ansible's output: one copy each, imported by its full
+name (as the container tests' helpers are) so that no other ``helpers`` module on sys.path can stand in for it."""
+
+from __future__ import annotations
+
+import re
+
+LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
+
+
+def read_body(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def list_keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    """Every key under ``prefix``, in S3's order (sorted), across pages."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def upload(s3, bucket: str, objects: dict[str, bytes]) -> None:
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def play_recap(output: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP's counts by host (the last play's when several print one)."""
+    return {
+        host: dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts)))
+        for host, *counts in _RECAP.findall(output)
+    }
+
+
+def tagged(aws: dict, project: str, bucket: str) -> dict[str, list[str]]:
+    """Everything on the emulator that carries the project's tag (IAM: under its path), by kind; ``aws`` holds
+    the s3, iam, ec2 and sts clients."""
+    ec2, iam, s3 = aws["ec2"], aws["iam"], aws["s3"]
+    tag = {"Name": "tag:project", "Values": [project]}
+    owner = aws["sts"].get_caller_identity()["Account"]
+    reservations = ec2.describe_instances(Filters=[tag, {"Name": "instance-state-name", "Values": LIVE_STATES}])
+    endpoints = ec2.describe_vpc_endpoints(Filters=[tag])["VpcEndpoints"]
+    found = {
+        "instances": [i["InstanceId"] for r in reservations["Reservations"] for i in r["Instances"]],
+        "images": [i["ImageId"] for i in ec2.describe_images(Owners=["self"], Filters=[tag])["Images"]],
+        "snapshots": [
+            s["SnapshotId"]
+            for s in ec2.describe_snapshots(Filters=[tag, {"Name": "owner-id", "Values": [owner]}])["Snapshots"]
+        ],
+        "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=[tag])["SecurityGroups"]],
+        "key_pairs": [k["KeyName"] for k in ec2.describe_key_pairs(Filters=[tag])["KeyPairs"]],
+        "roles": [r["RoleName"] for r in iam.list_roles(PathPrefix=f"/{project}/")["Roles"]],
+        "instance_profiles": [
+            p["InstanceProfileName"] for p in iam.list_instance_profiles(PathPrefix=f"/{project}/")["InstanceProfiles"]
+        ],
+        "buckets": [bucket] if bucket in {b["Name"] for b in s3.list_buckets()["Buckets"]} else [],
+        "launch_templates": [
+            t["LaunchTemplateName"] for t in ec2.describe_launch_templates(Filters=[tag])["LaunchTemplates"]
+        ],
+        "vpc_endpoints": [e["VpcEndpointId"] for e in endpoints if e["State"].lower() not in ("deleted", "deleting")],
+        "route_tables": [t["RouteTableId"] for t in ec2.describe_route_tables(Filters=[tag])["RouteTables"]],
+        "internet_gateways": [
+            g["InternetGatewayId"] for g in ec2.describe_internet_gateways(Filters=[tag])["InternetGateways"]
+        ],
+        "subnets": [n["SubnetId"] for n in ec2.describe_subnets(Filters=[tag])["Subnets"]],
+        "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=[tag])["Vpcs"]],
+    }
+    return {kind: ids for kind, ids in found.items() if ids}
