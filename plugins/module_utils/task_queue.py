@@ -946,13 +946,12 @@ def recompute(client, queue: Queue, names, check_mode: bool = False) -> list[str
     aside already (a recompute cut short) is queued. Returns the names queued (in check mode: would be)."""
     chosen = []
     for name in sorted(set(names)):
-        manifest = read_manifest(client, queue, name)
-        if manifest is None and not superseded_manifests(client, queue, name):
+        found = _get(client, queue.bucket, queue.manifest_key(name))
+        if found is None and not superseded_manifests(client, queue, name):
             continue
         chosen.append(name)
-        if manifest is not None and not check_mode:
-            stamp = f"{manifest.get('published_at', 0):017.6f}.json"
-            found = _get(client, queue.bucket, queue.manifest_key(name))
+        if found is not None and not check_mode:
+            stamp = f"{json.loads(found[0]).get('published_at', 0):017.6f}.json"
             try:
                 _put(client, queue.bucket, queue.superseded_key(name, stamp), found[0], IfNoneMatch="*")
             except Exception as error:  # noqa: BLE001 - set aside already (a recompute cut short)
