@@ -447,6 +447,21 @@ def claim(
     return lease
 
 
+def predict_claim(client, queue: Queue, name: str, lease: Lease, held: dict | None) -> tuple[str, object]:
+    """What claim() of ``name`` by ``lease``'s owner (and token) would do, by reading only: ("claim", the lease it
+    would hold), ("held", why) or ("finished", state). ``held``: the task's claim as queue_status lists it."""
+    if held is not None:
+        lock = read_lock(client, queue, name) if lease.token else None
+        mine = lock is not None and lock[0].get("token") == lease.token
+        if not mine and not held["expired"]:
+            return "held", f"task {name} is held by {held['owner']} (lease {held['lease_age_seconds']:.0f} s old)"
+        lease.attempts = held["attempts"] if mine else held["attempts"] + 1
+        if lease.attempts > queue.max_attempts:
+            return "finished", "failed"
+    state = finished_state(client, queue, name)
+    return ("finished", state) if state else ("claim", lease)
+
+
 def _take_over(client, queue: Queue, lease: Lease, body: bytes, etag: str, response: dict) -> None:
     held = _lock_content(body)
     if "finished" in held:
@@ -683,7 +698,7 @@ def release(client, queue: Queue, lease: Lease, error: str = "") -> str:
     and the lock is to be rewritten. Returns the task's state: "pending" or "failed"."""
     if error:
         lease.last_error = error
-        if lease.attempts >= queue.max_attempts:
+        if release_outcome(queue, lease, error) == "failed":
             _record_failed(client, queue, lease, f"gave up after {lease.attempts} attempts: {error}")
             return "failed"
     else:
@@ -694,6 +709,27 @@ def release(client, queue: Queue, lease: Lease, error: str = "") -> str:
     lease.lease_seconds = 0  # expired at once: free for the next claim
     renew(client, queue, lease)
     return "pending"
+
+
+def release_outcome(queue: Queue, lease: Lease, error: str = "", fail_now: bool = False) -> str:
+    """What release() (or, ``fail_now``, fail()) leaves the task as: "failed" or "pending" (no S3 call)."""
+    return "failed" if fail_now or (error and lease.attempts >= queue.max_attempts) else "pending"
+
+
+def released_state(client, queue: Queue, lease: Lease) -> str | None:
+    """The task's state when this lease was given back already (a re-run), None while the lease holds the lock
+    (read-only). Raises LeaseLost when another owner holds the task now: the lease has nothing left to give."""
+    lock = read_lock(client, queue, lease.name)
+    if lock is not None and lock[1] == lease.etag:
+        return None
+    if finished_state(client, queue, lease.name) == "failed":
+        return "failed"
+    if lock is None:
+        return "pending"
+    held = lock[0]
+    if held.get("token") == lease.token and held.get("lease_seconds") == 0:
+        return "pending"  # released by this claim, not yet taken by anyone
+    raise LeaseLost(f"lease on {lease.name} lost: {held.get('owner')} holds the task now")
 
 
 def fail(client, queue: Queue, lease: Lease, reason: str) -> None:

@@ -200,22 +200,9 @@ def _candidates(status, owner, token):
 
 def _predict(client, queue, name, held, params):
     """What a claim of ``name`` would do, by reading only: ("claim", task), ("held", reason) or ("finished", state)."""
-    attempts = 1
-    if held is not None:
-        lock = task_queue.read_lock(client, queue, name) if params["token"] else None
-        mine = lock is not None and lock[0].get("token") == params["token"]
-        if not mine and not held["expired"]:
-            return "held", f"task {name} is held by {held['owner']} (lease {held['lease_age_seconds']:.0f} s old)"
-        attempts = held["attempts"] if mine else held["attempts"] + 1
-        if attempts > queue.max_attempts:
-            return "finished", "failed"
-    state = task_queue.finished_state(client, queue, name)
-    if state:
-        return "finished", state
-    lease = task_queue.Lease(
-        name, params["owner"], params["token"], "", attempts, params["instance_id"], queue.lease_seconds
-    )
-    return "claim", lease.as_dict()
+    lease = task_queue.Lease(name, params["owner"], params["token"], "", 1, params["instance_id"], queue.lease_seconds)
+    outcome, detail = task_queue.predict_claim(client, queue, name, lease, held)
+    return outcome, (detail.as_dict() if outcome == "claim" else detail)
 
 
 def _claim(client, queue, name, params):

@@ -116,30 +116,6 @@ from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queu
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
 
 
-def settled_state(client, queue, lease):
-    """The task's state when this lease was already given back (a re-run), None while the lease holds the lock.
-    Fails when another owner holds the task now: this lease has nothing left to give back."""
-    lock = task_queue.read_lock(client, queue, lease.name)
-    if lock is not None and lock[1] == lease.etag:
-        return None
-    if task_queue.finished_state(client, queue, lease.name) == "failed":
-        return "failed"
-    if lock is None:
-        return "pending"
-    held = lock[0]
-    if held.get("token") == lease.token and held.get("lease_seconds") == 0:
-        return "pending"  # released by this claim, not yet taken by anyone
-    raise task_queue.LeaseLost(f"lease on {lease.name} lost: {held.get('owner')} holds the task now")
-
-
-def predicted_state(queue, lease, params):
-    if params["state"] == "failed":
-        return "failed"
-    if params["error"] and lease.attempts >= queue.max_attempts:
-        return "failed"
-    return "pending"
-
-
 def main():
     argument_spec = dict(
         QUEUE_ARGUMENT_SPEC,
@@ -161,11 +137,11 @@ def main():
 
     with queue_errors(module, queue, f"release task {lease.name}"):
         task_queue.check_name(lease.name)
-        state = settled_state(client, queue, lease)
+        state = task_queue.released_state(client, queue, lease)
         if state is not None:
             module.exit_json(changed=False, task={"name": lease.name, "state": state})
         if module.check_mode:
-            state = predicted_state(queue, lease, params)
+            state = task_queue.release_outcome(queue, lease, params["error"] or "", params["state"] == "failed")
         elif params["state"] == "failed":
             task_queue.fail(client, queue, lease, params["error"])
             state = "failed"

@@ -56,3 +56,18 @@ def test_parse_tasklist(raw, names, rejected):
     reasons = [reason for line, reason in parsed.rejected]
     assert len(reasons) == len(rejected)
     assert all(expected in reason for expected, reason in zip(rejected, reasons))
+
+
+@pytest.mark.parametrize(
+    "attempts, error, fail_now, outcome",
+    [
+        (1, "exit 1", False, "pending"),
+        (2, "exit 1", False, "failed"),
+        (2, "", False, "pending"),
+        (1, "", True, "failed"),
+    ],
+)
+def test_release_outcome_says_what_a_release_leaves(attempts, error, fail_now, outcome):
+    """The prediction task_release's check mode gives, and the rule release() itself follows (2 attempts allowed)."""
+    lease = tq.Lease("in1.dat", "w1", "token", '"etag"', attempts)
+    assert tq.release_outcome(tq.Queue("bucket", max_attempts=2), lease, error, fail_now) == outcome
