@@ -967,10 +967,7 @@ def add_tasks(client, queue: Queue, names: list[str], check_mode: bool = False) 
     failed, folded or marked), with If-Match on the list as every list edit. Returns the names
     added (in check mode: that would be)."""
     finished = frozenset().union(*finished_tasks(client, queue).values())
-    if check_mode:
-        listed = parse_tasklist(_read_list(client, queue, TASKLIST)[0]).names
-        return [name for name in dict.fromkeys(names) if name not in finished.union(listed)]
-    return _retried(lambda: _append_names(client, queue, TASKLIST, names, known=finished))[0]
+    return _retried(lambda: _append_names(client, queue, TASKLIST, names, finished, check_mode))[0]
 
 
 def recompute(client, queue: Queue, names, check_mode: bool = False) -> list[str]:
@@ -1009,12 +1006,13 @@ def recompute(client, queue: Queue, names, check_mode: bool = False) -> list[str
     return chosen
 
 
-def _append_names(client, queue: Queue, list_name: str, names: list[str], known=frozenset()) -> list[str]:
-    """Append to a list the names it (and ``known``) does not hold, If-Match on what was read; returns them."""
+def _append_names(client, queue: Queue, list_name: str, names, known=frozenset(), check_mode=False) -> list[str]:
+    """Append to a list the names it (and ``known``) does not hold, If-Match on what was read; returns them
+    (in check mode: those it would append)."""
     raw, condition = _read_list(client, queue, list_name)
     present = known.union(parse_tasklist(raw).names)
     new = [name for name in dict.fromkeys(names) if name not in present]
-    if new:
+    if new and not check_mode:
         body = raw if raw.endswith(b"\n") or not raw else raw + b"\n"
         _put(client, queue.bucket, queue.key(list_name), body + _lines(new), **condition)
     return new

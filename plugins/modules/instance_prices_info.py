@@ -107,17 +107,15 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 from ansible_collections.cicc.cloud.plugins.module_utils import run_report
 
 
-def _on_demand(module, region, instance_type):
-    client = module.client("pricing", region=run_report.PRICE_LIST_REGION)
+def _on_demand(pricing, region, instance_type):
     filters = run_report.price_list_filters(region, instance_type)
     products = []
-    for page in client.get_paginator("get_products").paginate(ServiceCode="AmazonEC2", Filters=filters):
+    for page in pricing.get_paginator("get_products").paginate(ServiceCode="AmazonEC2", Filters=filters):
         products += page.get("PriceList", [])
     return run_report.on_demand_price(products)
 
 
-def _spot(module, instance_type, zones, since, until):
-    client = module.client("ec2")
+def _spot(ec2, instance_type, zones, since, until):
     query = dict(
         InstanceTypes=[instance_type],
         ProductDescriptions=["Linux/UNIX", "Linux/UNIX (Amazon VPC)"],
@@ -127,7 +125,7 @@ def _spot(module, instance_type, zones, since, until):
     if zones:
         query["Filters"] = [{"Name": "availability-zone", "Values": zones}]
     history = []
-    for page in client.get_paginator("describe_spot_price_history").paginate(**query):
+    for page in ec2.get_paginator("describe_spot_price_history").paginate(**query):
         history += page.get("SpotPriceHistory", [])
     zones_seen = sorted({point.get("AvailabilityZone", "") for point in history})
     return run_report.spot_price(history, since, until), zones_seen
@@ -146,15 +144,16 @@ def main():
     region = module.region or "us-east-1"
     until = params["until"] or time.time()
     since = min(params["since"] or until, until)
+    pricing, ec2 = module.client("pricing", region=run_report.PRICE_LIST_REGION), module.client("ec2")
     table, unpriced, zones_seen = {}, [], set()
     for instance_type in dict.fromkeys(params["instance_types"]):
         markets = {}
         for market in ("on-demand", "spot") if params["spot"] else ("on-demand",):
             try:
                 if market == "spot":
-                    usd, zones = _spot(module, instance_type, params["zones"], since, until)
+                    usd, zones = _spot(ec2, instance_type, params["zones"], since, until)
                 else:
-                    usd, zones = _on_demand(module, region, instance_type), ()
+                    usd, zones = _on_demand(pricing, region, instance_type), ()
             except (BotoCoreError, ClientError) as error:
                 module.warn(f"AWS gave no {market} price for {instance_type} in {region}: {error}")
                 usd, zones = None, ()
