@@ -149,10 +149,7 @@ class LocalProject:
         self.endpoint, self.project, self.bucket = endpoint, f"bench{run_id}", f"cicc-bench-{run_id}"
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "CICC_"))}
         self.env.update(
-            CICC_TARGET="local",
-            CICC_PROJECT=self.project,
             CICC_EMULATOR_PORT=str(port),
-            CICC_REGION=REGION,
             ANSIBLE_NOCOLOR="1",
             ANSIBLE_DEPRECATION_WARNINGS="0",
         )
@@ -165,7 +162,7 @@ class LocalProject:
 
     def playbook(self, settings: dict, *args: str) -> tuple[str, float]:
         """Run a playbook (site.yml unless args name one); (its output, its wall time). Fails loudly."""
-        settings = {"cicc_bucket": self.bucket, "cicc_fleet_poll_seconds": 1, **settings}
+        settings = {"cicc_project": self.project, "cicc_bucket": self.bucket, "cicc_fleet_poll_seconds": 1, **settings}
         started = time.monotonic()
         done = subprocess.run(
             [str(ROOT / "scripts" / "pipeline.sh"), *args, "-e", json.dumps(settings)],

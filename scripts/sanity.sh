@@ -29,6 +29,28 @@ if ! command -v shellcheck >/dev/null; then
   fi
 fi
 
+# The changelog, with the documentation tools in .venv-docs (scripts/setup.sh): the fragments and
+# changelogs/changelog.yaml pass antsibull-changelog's lint, and CHANGELOG.rst is what
+# `antsibull-changelog generate` makes of them. It is generated in a scratch copy of changelogs/ and
+# galaxy.yml, so the work tree is left as it is.
+changelog_tool=$root/.venv-docs/bin/antsibull-changelog
+if [ -x "$changelog_tool" ]; then
+  log "Checking the changelog (antsibull-changelog lint, then CHANGELOG.rst against generate)"
+  "$changelog_tool" lint || { echo "antsibull-changelog lint failed: fix the fragments named above" >&2; exit 1; }
+  "$changelog_tool" lint-changelog-yaml changelogs/changelog.yaml ||
+    { echo "changelogs/changelog.yaml is not in antsibull-changelog's format: fix it" >&2; exit 1; }
+  changelog_tmp=$(mktemp -d)
+  trap 'rm -rf "$changelog_tmp"' EXIT
+  cp -R changelogs galaxy.yml "$changelog_tmp/"
+  (cd "$changelog_tmp" && "$changelog_tool" generate) ||
+    { echo "antsibull-changelog generate failed" >&2; exit 1; }
+  if ! diff -u CHANGELOG.rst "$changelog_tmp/CHANGELOG.rst"; then
+    echo "CHANGELOG.rst is not what changelogs/ makes (the differences are above):" \
+      "run '.venv-docs/bin/antsibull-changelog generate' and keep its CHANGELOG.rst" >&2
+    exit 1
+  fi
+fi
+
 # ansible-test builds each sanity test's virtualenv by running a get-pip.py it downloads from a host
 # that is not reachable here. This stand-in installs pip from the wheel Python ships (ensurepip), then
 # lets that pip install what ansible-test asked for from the package index. ensurepip points
@@ -74,8 +96,8 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     done |
     tar --null --no-recursion --ignore-failed-read -T - -cf - | tar -C "$dest" -xf -
 else
-  tar --exclude=./.git --exclude=./.venv --exclude=./.venv-localstack --exclude=./.collections --exclude=./.build \
-    --exclude=./tests/output -cf - . | tar -C "$dest" -xf -
+  tar --exclude=./.git --exclude=./.venv --exclude=./.venv-localstack --exclude=./.venv-docs --exclude=./.collections \
+    --exclude=./.build --exclude=./tests/output -cf - . | tar -C "$dest" -xf -
 fi
 # ansible-test lists a collection's files with git when it finds a .git directory up the tree, and
 # .build/ is ignored by this repository's git: give the copy its own (empty) repository, so that

@@ -318,7 +318,9 @@ class DockerRunner:
         import docker.errors
 
         if self.owner:
-            for left in self.client.containers.list(all=True, filters={"label": f"cicc.worker={self.owner}"}):
+            for left in self.client.containers.list(
+                all=True, filters={"label": f"cicc.worker={self.owner}"}, ignore_removed=True
+            ):
                 LOG.warning("removing container %s left by an earlier run of this worker", left.short_id)
                 left.remove(force=True)
         try:

@@ -323,7 +323,10 @@ def _describe_instances(ec2, filters) -> list[dict]:
 
 def _our_containers(docker, endpoint) -> dict:
     try:
-        found = docker.containers.list(all=True, filters={"label": f"{LABEL_ENDPOINT}={endpoint}"})
+        # ignore_removed: another run's machine may be removed between the listing and its inspection.
+        found = docker.containers.list(
+            all=True, filters={"label": f"{LABEL_ENDPOINT}={endpoint}"}, ignore_removed=True
+        )
     except _docker_error() as e:
         raise LocalCloudError(f"Couldn't list containers on the Docker Engine: {e}") from e
     return {container.labels[LABEL_INSTANCE]: container for container in found if container.labels.get(LABEL_INSTANCE)}
@@ -524,7 +527,10 @@ def _remove(run: _Pass, container, instance_id: str) -> None:
     same engine, labelled with the worker: one killed with its machine may be left), then its state and
     work directories."""
     try:
-        for sibling in run.docker.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={instance_id}"}):
+        siblings = run.docker.containers.list(
+            all=True, filters={"label": f"{LABEL_WORKER}={instance_id}"}, ignore_removed=True
+        )
+        for sibling in siblings:
             sibling.remove(force=True)
         container.remove(force=True)
     except _docker_error() as e:

@@ -95,8 +95,8 @@ requirements:
   - docker (the Docker SDK for Python) >= 5.0.0, reaching the engine through C(DOCKER_HOST) or C(/var/run/docker.sock)
 notes:
   - The containers run on the Docker Engine of the host the module runs on (normally C(localhost)).
-  - Reach the instances through the dynamic inventory (C(inventory/aws_ec2.yml)) with the C(community.docker.docker)
-    connection, the instance id being the container's name.
+  - Reach the instances with the C(community.docker.docker) connection, the instance id being the container's name
+    (C(ansible.builtin.add_host), as the playbooks do, or the inventory C(inventory/aws_ec2.yml)).
 seealso:
   - module: amazon.aws.ec2_instance
   - module: amazon.aws.ec2_ami

@@ -297,6 +297,26 @@ def test_only_this_emulators_containers_are_touched(cloud):
     assert outside not in _by_id(narrow)
 
 
+def test_a_container_removed_while_being_listed_is_passed_over(cloud, monkeypatch):
+    # Two runs at once share the engine: one's machine may be removed between the other's listing and inspection.
+    passing = f"i-0ab5e{cloud.run_id}"
+    cloud.extra_containers.append(passing)
+    labels = {lc.LABEL_INSTANCE: passing, lc.LABEL_AMI: "ami-00000000", lc.LABEL_ENDPOINT: cloud.endpoint}
+    victim = cloud.docker.containers.create(BASE_IMAGE, name=passing, labels=labels)
+    inspect = cloud.docker.api.inspect_container
+
+    def removed_first(container_id, *args, **kwargs):
+        if container_id == victim.id:
+            victim.remove(force=True)
+        return inspect(container_id, *args, **kwargs)
+
+    monkeypatch.setattr(cloud.docker.api, "inspect_container", removed_first)
+    kept = cloud.launch(cloud.ubuntu_ami())
+    result = cloud.reconcile()
+    assert passing not in _by_id(result)
+    assert _by_id(result)[kept]["action"] == "created"
+
+
 def _ansible(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = dict(os.environ)
     environment.update(

@@ -1,7 +1,9 @@
-"""The whole pipeline on the local cloud, end to end, as an operator runs it: scripts/pipeline.sh -> site.yml.
+"""The whole pipeline on the local cloud, end to end, as a user of the collection runs it: the collection built
+and installed with ansible-galaxy, then `ansible-playbook cicc.cloud.site` from an empty directory, the settings
+given with -e only (no inventory, no ansible.cfg, no environment beyond the collections path).
 
 Against the session's fresh emulator and the real Docker Engine: the bucket with a small data set, IAM, the
-base instance (a systemd container of the local base image), configure through the dynamic inventory, the AMI
+base instance (a systemd container of the local base image), configured as a host found by its tags, the AMI
 (`docker commit`), then a fleet of 3 that boots the committed image, drains the seed's 7 tasks and terminates
 itself. The test then checks from the outside what the playbooks claim: every output is input XOR kernel,
 the lists are exact, no lock is left, every instance is terminated and its container stopped. A second run
@@ -51,10 +53,15 @@ WORK_DIR = Path("/var/lib/cicc/work")
 
 
 def _pipeline(env: dict, settings: dict, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """A playbook of the installed collection run from the empty directory env["PWD"]: cicc.cloud.site, or
+    cicc.cloud.NAME when args start with playbooks/NAME.yml; (its result, its wall time)."""
+    playbook, args = "cicc.cloud.site", list(args)
+    if args and args[0].startswith("playbooks/"):
+        playbook = f"cicc.cloud.{Path(args.pop(0)).stem}"
     started = time.monotonic()
     result = subprocess.run(
-        [str(ROOT / "scripts" / "pipeline.sh"), *args, "-e", json.dumps(settings)],
-        cwd=ROOT,
+        ["ansible-playbook", playbook, *args, "-e", json.dumps(settings)],
+        cwd=env["PWD"],
         env=env,
         capture_output=True,
         text=True,
@@ -62,6 +69,14 @@ def _pipeline(env: dict, settings: dict, *args: str) -> tuple[subprocess.Complet
         check=False,
     )
     return result, time.monotonic() - started
+
+
+def _from_repository(env: dict, settings: dict, playbook: str) -> subprocess.CompletedProcess:
+    """A playbook run the repository's way, through scripts/pipeline.sh (its ansible.cfg, its collection link)."""
+    port = str(settings["cicc_emulator_port"])
+    env = {key: value for key, value in env.items() if key != "ANSIBLE_COLLECTIONS_PATH"} | {"CICC_EMULATOR_PORT": port}
+    command = [str(ROOT / "scripts" / "pipeline.sh"), playbook, "-e", json.dumps(settings)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
 def _ok(result: subprocess.CompletedProcess) -> dict[str, dict[str, int]]:
@@ -94,7 +109,9 @@ def _role(instance: dict) -> str:
 
 def _cleanup(docker_client, endpoint: str, instance_ids: set[str], ami_ids: set[str]) -> None:
     """Remove the containers, images and state files of this run's instances and AMIs."""
-    for container in docker_client.containers.list(all=True, filters={"label": f"{lc.LABEL_ENDPOINT}={endpoint}"}):
+    for container in docker_client.containers.list(
+        all=True, filters={"label": f"{lc.LABEL_ENDPOINT}={endpoint}"}, ignore_removed=True
+    ):
         if container.name in instance_ids:
             container.remove(force=True)
     for image in docker_client.images.list(name="cicc-ami", filters={"label": f"{lc.LABEL_ENDPOINT}={endpoint}"}):
@@ -167,23 +184,52 @@ def _check_summary_outputs(s3, bucket: str, names: list[str]) -> None:
     assert sorted(read_body(s3, bucket, "summary/completed.txt").decode().split()) == sorted(names)
 
 
+@pytest.fixture(scope="module")
+def installed_collection(tmp_path_factory) -> Path:
+    """The collection as a user installs it: its tarball built, then installed into a collections path of its own."""
+    work = tmp_path_factory.mktemp("collection")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("ANSIBLE_", "AWS_", "CICC_"))}
+    env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+
+    def galaxy(*args: str) -> None:
+        done = subprocess.run(
+            ["ansible-galaxy", "collection", *args],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, f"ansible-galaxy collection {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+
+    galaxy("build", "--output-path", str(work), str(ROOT))
+    (tarball,) = work.glob("cicc-cloud-*.tar.gz")
+    galaxy("install", "--no-deps", "-p", str(work / "collections"), str(tarball))
+    assert (work / "collections" / "ansible_collections" / "cicc" / "cloud" / "MANIFEST.json").is_file()
+    return work / "collections"
+
+
 @pytest.fixture
-def pipeline(emulator, docker_client, tmp_path_factory):
-    """A project and bucket of this test's own, the environment scripts/pipeline.sh needs, and the cleanup."""
+def pipeline(emulator, docker_client, tmp_path_factory, installed_collection):
+    """A project and bucket of this test's own, the environment of a user of the installed collection (an empty
+    directory, the collections path), and the cleanup."""
     run_id = uuid.uuid4().hex[:8]
     project, bucket = f"e2e{run_id}", f"cicc-e2e-{run_id}"
     port = urlparse(emulator).port
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "CICC_"))}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("ANSIBLE_", "AWS_", "CICC_"))}
     env.update(
-        CICC_TARGET="local",
-        CICC_PROJECT=project,
-        CICC_EMULATOR_PORT=str(port),
-        CICC_REGION=REGION,
+        PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        PWD=str(tmp_path_factory.mktemp("empty")),
+        ANSIBLE_COLLECTIONS_PATH=str(installed_collection),
+        ANSIBLE_CALLBACK_RESULT_FORMAT="yaml",
         ANSIBLE_NOCOLOR="1",
         ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_DEPRECATION_WARNINGS="0",
     )
     settings = {
+        "cicc_project": project,
+        "cicc_emulator_port": port,
         "cicc_bucket": bucket,
         "cicc_fleet_size": FLEET_SIZE,
         "cicc_dataset_input_size": INPUT_SIZE,
@@ -291,8 +337,8 @@ def test_site_runs_the_whole_pipeline_on_the_local_cloud(
     assert "tasks done 10/10" in flat
     assert "s from launch until every worker had terminated" in flat
 
-    # status.yml says the same: the queue drained, no machine left.
-    status, _seconds = _pipeline(env, settings, "playbooks/status.yml")
+    # status.yml says the same: the queue drained, no machine left; run from the repository, as `make demo` runs.
+    status = _from_repository(env, settings, "playbooks/status.yml")
     _ok(status)
     flat = " ".join(status.stdout.split())
     assert f"queue s3://{bucket}/: 0 pending, 0 claimed, 10 completed, 0 failed, 0 rejected lines - drained" in flat
