@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-host test unit integration lint sanity molecule bench cloud-start cloud-stop cloud-status clean
+.PHONY: setup demo demo-host test unit integration lint sanity docs molecule bench cloud-start cloud-stop cloud-status clean
 
 setup:
 	@scripts/setup.sh
@@ -39,10 +39,13 @@ lint: setup
 sanity: setup
 	@scripts/sanity.sh
 
+docs: setup
+	@scripts/docs.sh
+
 molecule: cloud-start
 	@scripts/molecule.sh
 
-test: unit integration lint sanity molecule
+test: unit integration lint sanity docs molecule
 
 bench: cloud-start
 	python bench/run_all.py

@@ -49,8 +49,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from common import REGION, OwnMoto, key_class, link_collection, load_by_path, load_worker, xor_job
 
 TQ_MODULE = "ansible_collections.cicc.cloud.plugins.module_utils.task_queue"
@@ -173,11 +171,15 @@ class Meter:
 
 
 class XorRunner:
-    """The job's processing step in this process, in place of its container: output = input XOR the
-    shared kernel (tiled), written to the task's output directory under the job's output name, atomically
-    (a temp file beside it, renamed before the run returns, so only the output is published)."""
+    """The job's processing step in this process, in place of its container: output = input XOR the shared
+    kernel (tiled; the reference XOR of module_utils/dataset.py), written to the task's output directory under
+    the job's output name, atomically (a temp file beside it, renamed before the run returns, so only the output
+    is published)."""
 
     def __init__(self, worker_mod) -> None:
+        from ansible_collections.cicc.cloud.plugins.module_utils.dataset import xor_tiled  # after link_collection
+
+        self.xor = xor_tiled
         self.result = worker_mod.RunResult
         self.runs: collections.Counter = collections.Counter()
         self.lock = threading.Lock()
@@ -189,13 +191,11 @@ class XorRunner:
         with self.lock:
             self.runs[task] += 1
         output = job.output_name(task)
-        data = np.fromfile(dirs.input / task, dtype=np.uint8)
-        key = np.fromfile(dirs.shared / job.shared[0], dtype=np.uint8)
-        data ^= np.resize(key, data.size)
+        data = self.xor((dirs.input / task).read_bytes(), (dirs.shared / job.shared[0]).read_bytes())
         partial = dirs.output.parent / f".{output}.tmp"
-        data.tofile(partial)
+        partial.write_bytes(data)
         os.replace(partial, dirs.output / output)
-        return self.result(0, f"SUCCESS {task} -> {output} ({data.size} bytes)")
+        return self.result(0, f"SUCCESS {task} -> {output} ({len(data)} bytes)")
 
     def cancel(self) -> None:
         pass

@@ -12,13 +12,12 @@ import json
 import logging
 import os
 import platform
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
-import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -94,51 +93,29 @@ def xor_job(jobs: types.ModuleType, bucket: str, prefix: str = "", **changes):
     return jobs.load(data)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class OwnMoto:
-    """A moto_server of our own on a free loopback port; stopped (by its pid) on exit."""
+    """A moto_server of our own on a free loopback port (plugins/module_utils/emulator.py), stopped on exit."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
+        self._emulator = load_by_path("cicc_emulator_bench", ROOT / "plugins" / "module_utils" / "emulator.py")
+        self.port = self._emulator.free_port()
+        self.url = self._emulator.endpoint(self.port)
+        self.server = None
 
     def __enter__(self) -> OwnMoto:
-        moto = Path(sys.executable).with_name("moto_server")
-        if not moto.exists():
-            raise SystemExit(f"{moto} not found: run 'make setup' or pass --endpoint")
-        self.proc = subprocess.Popen(
-            [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
-            # AWS's managed policies exist as on AWS (iam.yml attaches one).
-            env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        while True:
-            try:
-                opener.open(self.url + "/moto-api/", timeout=1).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise SystemExit(f"moto_server did not start on {self.url}") from None
-                time.sleep(0.1)
+        emulator = self._emulator
+        log = Path(tempfile.gettempdir()) / f"cicc-bench-moto-{self.port}.log"
+        try:
+            self.server = emulator.Process(emulator.moto_command(self.port), emulator.MOTO_ENV, log)
+            self.server.wait_until(lambda: emulator.answers(self.url), emulator.START_SECONDS, f"moto on {self.url}")
+        except emulator.EmulatorError as error:
+            self.__exit__()
+            raise SystemExit(f"{error} (run 'make setup', or pass --endpoint)") from None
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.server is not None:
+            self.server.stop()
 
 
 class LocalProject:

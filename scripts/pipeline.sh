@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The repository's way to run a playbook on the local cloud: the Docker Engine checked, the emulator started
-# (scripts/emulator.sh) unless one answers on the port, then ansible-playbook with this repository's ansible.cfg.
+# The repository's way to run a playbook on the local cloud: the Docker Engine checked, then ansible-playbook with
+# this repository's virtualenv and ansible.cfg (the playbooks start the emulator unless one answers on the port).
 #
 #   scripts/pipeline.sh [PLAYBOOK.yml] [ansible-playbook arguments...]
 #
@@ -18,16 +18,6 @@ export PATH=$root/.venv/bin:$PATH ANSIBLE_CONFIG=$root/ansible.cfg
 
 die() { printf 'pipeline.sh: %s\n' "$*" >&2; exit 2; }
 
-# True when the URL answers (no proxy: loopback traffic).
-answers() {
-  "$root/.venv/bin/python" - "$1" <<'PY' >/dev/null 2>&1
-import sys
-import urllib.request
-
-urllib.request.build_opener(urllib.request.ProxyHandler({})).open(sys.argv[1], timeout=2).close()
-PY
-}
-
 port=${CICC_EMULATOR_PORT:-5000}
 
 playbook=playbooks/site.yml
@@ -39,7 +29,4 @@ fi
 command -v ansible-playbook >/dev/null || die "ansible-playbook is not in $root/.venv: run 'make setup' first"
 
 docker info >/dev/null 2>&1 || die "the Docker Engine does not answer: run 'make setup' (or scripts/docker-engine.sh start)"
-# An emulator that answers on the port is used whoever started it (a test session's, for instance).
-answers "http://127.0.0.1:$port/moto-api/" || CICC_EMULATOR_PORT=$port scripts/emulator.sh start >/dev/null
-
 exec ansible-playbook "$playbook" -e "cicc_emulator_port=$port" "$@"

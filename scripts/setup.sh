@@ -37,7 +37,8 @@ install_venv() {
 install_venv .venv requirements.txt
 # LocalStack's S3, the protocol tests' second S3 implementation: its pins clash with .venv's.
 install_venv .venv-localstack requirements-localstack.txt
-# The documentation tools (antsibull-changelog for CHANGELOG.rst), kept out of .venv.
+# The documentation tools (antsibull-changelog for CHANGELOG.rst, antsibull-docs and Sphinx for the HTML docs),
+# kept out of .venv.
 install_venv .venv-docs requirements-docs.txt
 
 # Ansible finds the collection cicc.cloud through this link to the repository root.

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -23,50 +20,44 @@ ROOT = Path(__file__).resolve().parents[1]
 # The collection is importable as ansible_collections.cicc.cloud through this link (scripts/setup.sh).
 sys.path.insert(0, str(ROOT / ".collections"))
 
+from ansible_collections.cicc.cloud.plugins.module_utils import (
+    emulator as local_emulator,
+)  # noqa: E402 - after the path
+
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class _Emulator:
-    """An emulator process on a free 127.0.0.1 port, started at once and watched in the background
-    until ``answers(endpoint)`` returns (an emulator loads a service on its first request: the watch
-    pays for that, not the first test); waited for only when first needed. ``{port}`` and ``{home}``
-    in its command and environment stand for its port and a temporary directory of its own, which
-    holds its output (shown when it fails to come up) and whatever it writes, and is removed when it
-    stops."""
+    """An emulator process (module_utils/emulator.py's Process) on a free 127.0.0.1 port, started at once and
+    watched in the background until ``answers(endpoint)`` returns (an emulator loads a service on its first
+    request: the watch pays for that, not the first test); waited for only when first needed. ``{port}`` and
+    ``{home}`` in its command and environment stand for its port and a temporary directory of its own, which
+    holds its output (shown when it fails to come up) and whatever it writes, and is removed when it stops."""
 
     def __init__(self, name: str, command: list[str], env: dict[str, str], answers, start_seconds: float):
         self.name, self.start_seconds = name, start_seconds
         self.home = Path(tempfile.mkdtemp(prefix=f"cicc-{name}-"))
-        port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self._log = (self.home / "output.log").open("wb")
-        self._started = time.monotonic()
+        port = local_emulator.free_port()
+        self.endpoint = local_emulator.endpoint(port)
         self._ready = threading.Event()
 
         def fill(text: str) -> str:
             return text.replace("{port}", str(port)).replace("{home}", str(self.home))
 
         try:
-            self._proc = subprocess.Popen(
+            self._server = local_emulator.Process(
                 [fill(part) for part in command],
-                env={**os.environ, **{key: fill(value) for key, value in env.items()}},
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
+                {key: fill(value) for key, value in env.items()},
+                self.home / "output.log",
                 cwd=self.home,
             )
         except OSError as error:  # reported by wait_ready, as a failure of the tests that need it
-            self._proc, self._error = None, f"{name} could not be started ({error}); run scripts/setup.sh"
+            self._server, self._error = None, f"{name} could not be started ({error}); run scripts/setup.sh"
             return
         threading.Thread(target=self._watch, args=(answers,), daemon=True).start()
 
     def _watch(self, answers) -> None:
-        while self._proc.poll() is None:
+        while self._server.proc.poll() is None:
             try:
                 answers(self.endpoint)
             except Exception:  # noqa: BLE001 - not up yet, whatever the client says
@@ -77,34 +68,23 @@ class _Emulator:
 
     def wait_ready(self) -> str:
         """Its endpoint URL once it answers; a test failure with its output's tail if it does not."""
-        if self._proc is None:
+        if self._server is None:
             pytest.fail(self._error, pytrace=False)
-        while not self._ready.wait(0.1):
-            waited, exit_code = time.monotonic() - self._started, self._proc.poll()
-            if exit_code is not None or waited > self.start_seconds:
-                state = "still starting" if exit_code is None else f"exited with {exit_code}"
-                tail = (self.home / "output.log").read_text(errors="replace").splitlines()[-30:]
-                pytest.fail(
-                    f"{self.name} did not answer at {self.endpoint} within {waited:.0f} s ({state}); "
-                    "the end of its output:\n" + "\n".join(tail),
-                    pytrace=False,
-                )
+        try:
+            self._server.wait_until(self._ready.is_set, self.start_seconds, self.name)
+        except local_emulator.EmulatorError as error:
+            pytest.fail(f"{error}", pytrace=False)
         return self.endpoint
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._log.close()
+        if self._server is not None:
+            self._server.stop(30)
         shutil.rmtree(self.home, ignore_errors=True)
 
 
 def _moto_api_answers(endpoint: str) -> None:
-    urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
+    if not local_emulator.answers(endpoint):
+        raise ConnectionError(f"no answer from {endpoint}")
 
 
 def _s3_answers(endpoint: str) -> None:
@@ -127,9 +107,13 @@ def _s3_answers(endpoint: str) -> None:
 def _moto_server(**env: str):
     """A moto server on a free 127.0.0.1 port, with AWS's managed policies as on AWS (and ``env``);
     yields its endpoint URL and stops it afterwards."""
-    moto = Path(sys.executable).with_name("moto_server")
-    command = [str(moto), "-H", "127.0.0.1", "-p", "{port}"]
-    server = _Emulator("moto", command, {"MOTO_IAM_LOAD_MANAGED_POLICIES": "true", **env}, _moto_api_answers, 30)
+    try:
+        command = local_emulator.moto_command("{port}")
+    except local_emulator.EmulatorError as error:
+        pytest.fail(f"{error}: run scripts/setup.sh", pytrace=False)
+    server = _Emulator(
+        "moto", command, {**local_emulator.MOTO_ENV, **env}, _moto_api_answers, local_emulator.START_SECONDS
+    )
     try:
         yield server.wait_ready()
     finally:

@@ -3,7 +3,16 @@ name (as the container tests' helpers are) so that no other ``helpers`` module o
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSIBLE_TIMEOUT = 300
 
 LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 _RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
@@ -66,3 +75,31 @@ def tagged(aws: dict, project: str, bucket: str) -> dict[str, list[str]]:
         "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=[tag])["Vpcs"]],
     }
     return {kind: ids for kind, ids in found.items() if ids}
+
+
+def ansible(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """An Ansible command run from the repository, with its virtualenv and ansible.cfg, in this environment (the
+    session emulator's AWS_URL included) and ``env``."""
+    environment = dict(os.environ)
+    environment.update(
+        PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{environment.get('PATH', '')}",
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+        **(env or {}),
+    )
+    return subprocess.run(
+        args, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=ANSIBLE_TIMEOUT, check=False
+    )
+
+
+def ad_hoc(module: str, args: dict, check: bool = False, env: dict | None = None) -> dict:
+    """``module`` run ad hoc on localhost (with --check when ``check``); its result, which must not have failed."""
+    command = ["ansible", "localhost", "-m", module, "-a", json.dumps(args)] + (["--check"] if check else [])
+    callback = {"ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}
+    done = ansible(*command, env={**(env or {}), **callback})
+    try:
+        result = json.loads(done.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    except (ValueError, KeyError, IndexError):
+        pytest.fail(f"{' '.join(command)} gave no JSON result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    assert not result.get("failed"), result.get("msg", result)
+    return result

@@ -54,7 +54,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import boto3
-from botocore.config import Config
 
 try:
     from ansible_collections.cicc.cloud.plugins.module_utils import job as jobs
@@ -156,7 +155,7 @@ def s3_client(settings: Settings, session=None):
     """The worker's S3 client: S3 answers 500/503 now and then under load; retry those patiently
     rather than give up a claimed task. Its pool serves every slot."""
     session = session or boto3.session.Session()
-    config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=16)
+    config = task_queue.s3_config(max_pool_connections=16)
     return session.client("s3", region_name=settings.region, endpoint_url=settings.endpoint_url or None, config=config)
 
 

@@ -3,8 +3,8 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The seed's data set of cicc.cloud, built deterministically from a seed.
 
-Standard library only (no numpy, no Ansible): the ``dataset`` module, the tests and the
-benchmarks import it directly, and it must stay cheap to import.
+No numpy, no Ansible: the ``dataset`` module, the tests and the benchmarks import it directly, and it must stay
+cheap to import. The list names are the protocol's (task_queue).
 
 Objects, by name (the caller puts its prefix in front):
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import random
 
-TASKLIST = "tasklist.txt"
-COMPLETED = "completed.txt"
+from ansible_collections.cicc.cloud.plugins.module_utils.task_queue import COMPLETED, TASKLIST  # noqa: F401 - theirs
+
 KERNEL = "kernel.dat"
 DEFAULT_SEED = 121325
 

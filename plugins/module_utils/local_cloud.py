@@ -324,9 +324,7 @@ def _describe_instances(ec2, filters) -> list[dict]:
 def _our_containers(docker, endpoint) -> dict:
     try:
         # ignore_removed: another run's machine may be removed between the listing and its inspection.
-        found = docker.containers.list(
-            all=True, filters={"label": f"{LABEL_ENDPOINT}={endpoint}"}, ignore_removed=True
-        )
+        found = docker.containers.list(all=True, filters={"label": f"{LABEL_ENDPOINT}={endpoint}"}, ignore_removed=True)
     except _docker_error() as e:
         raise LocalCloudError(f"Couldn't list containers on the Docker Engine: {e}") from e
     return {container.labels[LABEL_INSTANCE]: container for container in found if container.labels.get(LABEL_INSTANCE)}

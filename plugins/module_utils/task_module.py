@@ -42,6 +42,11 @@ LEASE_ARGUMENT_SPEC = dict(
 )
 
 
+def s3_client(module):
+    """The module's S3 client, with the protocol's retries (task_queue.S3_RETRIES, as the worker's)."""
+    return module.client("s3", config=task_queue.s3_config())
+
+
 def queue_from_params(params: dict) -> task_queue.Queue:
     return task_queue.Queue(params["bucket"], params["prefix"], params["lease_seconds"], params["max_attempts"])
 

@@ -60,9 +60,10 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
 try:
+    from botocore.config import Config
     from botocore.exceptions import ClientError, ConnectionError as S3ConnectionError, HTTPClientError
 except ImportError:  # pragma: no cover - the callers check for boto3 and say what to install
-    ClientError = S3ConnectionError = HTTPClientError = None
+    Config = ClientError = S3ConnectionError = HTTPClientError = None
 
 TASKLIST = "tasklist.txt"
 COMPLETED = "completed.txt"
@@ -291,6 +292,17 @@ def transient(error: BaseException) -> bool:
         return False
     status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     return status >= 500 or _code(error) in _THROTTLED
+
+
+# The retries of every S3 client of the protocol, the modules' and the worker's: S3 answers 500/503 now and then
+# under load, and throttles; botocore's standard mode retries those (with backoff) up to this many attempts, and
+# what outlasts them is waited out by the callers (transient()).
+S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
+
+
+def s3_config(**settings) -> Config:
+    """The botocore configuration of an S3 client of the protocol: S3_RETRIES, and ``settings`` (a pool size)."""
+    return Config(retries=dict(S3_RETRIES), **settings)
 
 
 def _backoff(attempt: int) -> None:

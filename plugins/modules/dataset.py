@@ -184,7 +184,6 @@ except ImportError:
 
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import COMPLETED
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import TASKLIST
@@ -192,6 +191,7 @@ from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_da
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import check_arguments
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import object_names
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import task_names
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import s3_client
 
 _MISSING = ["404", "NoSuchKey", "NotFound"]
 _PRECONDITION = ["412", "PreconditionFailed"]
@@ -205,7 +205,7 @@ def _md5(body):
 def _head(client, bucket, key):
     """The object's size and ETag, or None when it does not exist."""
     try:
-        response = client.head_object(Bucket=bucket, Key=key, aws_retry=True)
+        response = client.head_object(Bucket=bucket, Key=key)
     except is_boto3_error_code(_MISSING):
         return None
     return {"size": response["ContentLength"], "etag": response["ETag"]}
@@ -220,7 +220,7 @@ def _holds(client, bucket, key, found, body):
         return True
     # Same size but an ETag that is not this MD5: a multipart upload or SSE-KMS gives an ETag that is
     # no MD5 at all, so only the body can tell.
-    existing = client.get_object(Bucket=bucket, Key=key, aws_retry=True)["Body"].read()
+    existing = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     return existing == body
 
 
@@ -228,7 +228,7 @@ def _put(client, bucket, key, body, found):
     """Write one object without ever replacing a version this run did not see."""
     condition = {"IfMatch": found["etag"]} if found else {"IfNoneMatch": "*"}
     checksum = base64.b64encode(_md5(body).digest()).decode("ascii")
-    client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=checksum, aws_retry=True, **condition)
+    client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=checksum, **condition)
 
 
 def _summary(params, names):
@@ -245,7 +245,7 @@ def _summary(params, names):
 def bucket_exists(client, module):
     bucket = module.params["bucket"]
     try:
-        client.head_bucket(Bucket=bucket, aws_retry=True)
+        client.head_bucket(Bucket=bucket)
     except is_boto3_error_code(_MISSING):
         return False
     except (BotoCoreError, ClientError) as e:  # pylint: disable=duplicate-except
@@ -323,7 +323,7 @@ def ensure_absent(client, module, bucket_found):
     if not module.check_mode:
         for key in to_delete:
             try:
-                client.delete_object(Bucket=bucket, Key=key, aws_retry=True)
+                client.delete_object(Bucket=bucket, Key=key)
             except (BotoCoreError, ClientError) as e:
                 module.fail_json_aws(e, msg=f"Couldn't delete s3://{bucket}/{key}")
     module.exit_json(changed=bool(to_delete), dataset=dict(_summary(params, names), deleted=to_delete))
@@ -350,7 +350,7 @@ def main():
     except ValueError as e:
         module.fail_json(msg=str(e))
 
-    client = module.client("s3", retry_decorator=AWSRetry.jittered_backoff())
+    client = s3_client(module)
     bucket_found = bucket_exists(client, module)
 
     if params["state"] == "present":

@@ -125,6 +125,7 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 
 from ansible_collections.cicc.cloud.plugins.module_utils import job as jobs
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import s3_client
 
 
 def _stored(client, job):
@@ -225,7 +226,7 @@ def main():
     if module.params["validate_only"]:
         module.exit_json(**result)
 
-    client = module.client("s3")
+    client = s3_client(module)
     try:
         if module.check_mode and not bucket_exists(client, job.bucket):
             # Check mode of a whole pipeline on an empty account: the bucket step has not made it yet.

@@ -174,6 +174,7 @@ from ansible_collections.cicc.cloud.plugins.module_utils import run_report
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_LOCATION_SPEC
 from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import s3_client
 
 
 def main():
@@ -193,7 +194,7 @@ def main():
     )
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
     params = module.params
-    client = module.client("s3")
+    client = s3_client(module)
     bucket, prefix = params["bucket"], params["prefix"]
     machine = {key: params[key] for key in ("instance_type", "cpus", "memory_mib", "slots", "max_tasks")}
     machine.update(market="spot" if params["spot"] else "on-demand", region=module.region or "us-east-1")

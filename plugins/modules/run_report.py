@@ -143,6 +143,7 @@ from ansible_collections.cicc.cloud.plugins.module_utils import run_report
 from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_LOCATION_SPEC
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import s3_client
 
 WORKER_FIELDS = ("worker", "instance_id", "instance_type", "market", "started_at", "stopped_at", "completed", "failed")
 WORKER_FIELDS += ("stop_reason",)
@@ -209,7 +210,7 @@ def main():
         import matplotlib  # noqa: F401 - the timeline is drawn with it
     except ImportError as error:
         module.fail_json(msg=missing_required_lib("matplotlib"), exception=str(error))
-    client = module.client("s3")
+    client = s3_client(module)
     bucket, prefix = params["bucket"], params["prefix"]
     where = f"s3://{bucket}/{prefix}"
     try:

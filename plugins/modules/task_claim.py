@@ -184,6 +184,7 @@ from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_ARGUMENT_SPEC
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import s3_client
 
 
 def _candidates(status, owner, token):
@@ -271,7 +272,7 @@ def main():
     if params["lease_seconds"] < 1 or params["max_attempts"] < 1:
         module.fail_json(msg="lease_seconds and max_attempts must be at least 1")
     queue = queue_from_params(params)
-    client = module.client("s3")
+    client = s3_client(module)
 
     with queue_errors(module, queue, "claim a task of the queue"):
         if params["name"] is not None:

@@ -105,6 +105,7 @@ from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEU
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import lease_from_params
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import s3_client
 
 
 def main():
@@ -115,7 +116,7 @@ def main():
 
     queue = queue_from_params(module.params)
     lease = lease_from_params(module.params)
-    client = module.client("s3")
+    client = s3_client(module)
 
     with queue_errors(module, queue, f"complete task {lease.name}"):
         task_queue.check_name(lease.name)

@@ -264,6 +264,7 @@ from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEUE_ARGUMENT_SPEC
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import s3_client
 
 
 def compact(client, queue, status):
@@ -306,7 +307,7 @@ def main():
 
     params = module.params
     queue = queue_from_params(params)
-    client = module.client("s3")
+    client = s3_client(module)
 
     result = {"changed": False}
     with queue_errors(module, queue, "read the queue"):

@@ -114,6 +114,7 @@ from ansible_collections.cicc.cloud.plugins.module_utils.task_module import QUEU
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import lease_from_params
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_errors
 from ansible_collections.cicc.cloud.plugins.module_utils.task_module import queue_from_params
+from ansible_collections.cicc.cloud.plugins.module_utils.task_module import s3_client
 
 
 def main():
@@ -133,7 +134,7 @@ def main():
         module.fail_json(msg="state=failed needs the reason in error")
     queue = queue_from_params(params)
     lease = lease_from_params(params)
-    client = module.client("s3")
+    client = s3_client(module)
 
     with queue_errors(module, queue, f"release task {lease.name}"):
         task_queue.check_name(lease.name)

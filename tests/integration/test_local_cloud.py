@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -21,13 +20,12 @@ import docker.errors
 import pytest
 
 from ansible_collections.cicc.cloud.plugins.module_utils import local_cloud as lc
+from ansible_collections.cicc.cloud.tests.helpers import ad_hoc, ansible
 
-ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
 CANONICAL = "099720109477"
 UBUNTU_NAME = "ubuntu/images/*ubuntu-*-amd64-server-*"
 BOOT_TIMEOUT = 60
-ANSIBLE_TIMEOUT = 180
 BASE_IMAGE = os.environ.get("CICC_BASE_IMAGE", lc.DEFAULT_BASE_IMAGE)
 
 
@@ -317,19 +315,6 @@ def test_a_container_removed_while_being_listed_is_passed_over(cloud, monkeypatc
     assert _by_id(result)[kept]["action"] == "created"
 
 
-def _ansible(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = dict(os.environ)
-    environment.update(
-        PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{environment.get('PATH', '')}",
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_NOCOLOR="1",
-        **(env or {}),
-    )
-    return subprocess.run(
-        args, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=ANSIBLE_TIMEOUT, check=False
-    )
-
-
 def _module(cloud, check: bool) -> dict:
     """cicc.cloud.local_instances run ad hoc; the endpoint reaches it through AWS_URL, as module_defaults would."""
     args = {
@@ -338,18 +323,7 @@ def _module(cloud, check: bool) -> dict:
         "work_dir": str(cloud.work_dir),
         "base_image": BASE_IMAGE,
     }
-    command = ["ansible", "localhost", "-m", "cicc.cloud.local_instances", "-a", json.dumps(args)] + (
-        ["--check"] if check else []
-    )
-    done = _ansible(
-        *command, env={"ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}
-    )
-    try:
-        result = json.loads(done.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
-    except (ValueError, KeyError, IndexError):
-        pytest.fail(f"{' '.join(command)} gave no JSON result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-    assert not result.get("failed"), result.get("msg", result)
-    return result
+    return ad_hoc("cicc.cloud.local_instances", args, check=check)
 
 
 def test_module_and_dynamic_inventory(cloud):
@@ -368,8 +342,8 @@ def test_module_and_dynamic_inventory(cloud):
 
     # The dynamic inventory finds the instance by the project tag and reaches its container.
     env = {"CICC_PROJECT": project, "CICC_TARGET": "local"}
-    graph = _ansible("ansible-inventory", "-i", "inventory/aws_ec2.yml", "--graph", env=env)
+    graph = ansible("ansible-inventory", "-i", "inventory/aws_ec2.yml", "--graph", env=env)
     assert graph.returncode == 0, graph.stderr
     assert "@role_base:" in graph.stdout and instance_id in graph.stdout, graph.stdout
-    ping = _ansible("ansible", "-i", "inventory/aws_ec2.yml", "all", "-m", "ansible.builtin.ping", env=env)
+    ping = ansible("ansible", "-i", "inventory/aws_ec2.yml", "all", "-m", "ansible.builtin.ping", env=env)
     assert ping.returncode == 0 and f"{instance_id} | SUCCESS" in ping.stdout, ping.stdout + ping.stderr

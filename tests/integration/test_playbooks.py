@@ -30,6 +30,7 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
+from ansible_collections.cicc.cloud.plugins.module_utils import emulator as local_emulator
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
 from ansible_collections.cicc.cloud.tests.helpers import list_keys, play_recap, read_body, tagged
@@ -241,8 +242,16 @@ def test_validate_rejects_a_wrong_setting(setting: str, value, message: str) -> 
 
 
 def test_validate_accepts_the_defaults_and_good_values() -> None:
-    # One task: the settings role's check of the types; validate.yml's own check is skipped.
-    assert _ok(_playbook("validate.yml", {})) == {"ok": 1, "changed": 0, "unreachable": 0, "failed": 0}
+    # The defaults, on a port no emulator answers on: the settings role's check of the types, validate.yml's own
+    # check skipped, the emulator started (the one change), the check remembered; a second run finds it answering.
+    port = local_emulator.free_port()
+    try:
+        started = _ok(_playbook("validate.yml", {"cicc_emulator_port": port}))
+        assert started == {"ok": 3, "changed": 1, "unreachable": 0, "failed": 0}
+        assert local_emulator.status(port)["answers"]
+        assert _ok(_playbook("validate.yml", {"cicc_emulator_port": port}))["changed"] == 0
+    finally:
+        local_emulator.stop(port)
     good = {
         "cicc_target": "aws",
         "cicc_region": "eu-west-2",
