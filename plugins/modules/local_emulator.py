@@ -106,7 +106,7 @@ def main():
             if now["answers"]:
                 module.exit_json(changed=False, **result)
             if not module.check_mode:
-                result.update(emulator.start(port, state_dir))
+                result["pid"] = emulator.start(port, state_dir)["pid"]
         else:
             if now["pid"] is None:
                 module.exit_json(changed=False, **result)
@@ -115,7 +115,7 @@ def main():
                 result["pid"] = None
     except emulator.EmulatorError as error:
         module.fail_json(msg=f"The local cloud's emulator on port {port}: {error}", **result)
-    module.exit_json(changed=True, **{key: result[key] for key in ("url", "pid", "log")})
+    module.exit_json(changed=True, **result)
 
 
 if __name__ == "__main__":
