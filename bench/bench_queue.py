@@ -227,9 +227,11 @@ def _input(index: int) -> bytes:
 
 
 def setup_bucket(admin, bucket: str, names: list[str]) -> None:
+    from ansible_collections.cicc.cloud.plugins.module_utils.task_queue import TASKLIST
+
     admin.create_bucket(Bucket=bucket)
     admin.put_object(Bucket=bucket, Key="kernel.dat", Body=KERNEL)
-    admin.put_object(Bucket=bucket, Key="tasklist.txt", Body="".join(f"{n}\n" for n in names).encode())
+    admin.put_object(Bucket=bucket, Key=TASKLIST, Body="".join(f"{n}\n" for n in names).encode())
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: admin.put_object(Bucket=bucket, Key=names[i], Body=_input(i)), range(len(names))))
 
@@ -272,13 +274,13 @@ def verify(admin, task_queue, job, names: list[str], runner: XorRunner, meter: M
         except admin.exceptions.NoSuchKey:
             return b""
 
-    completed = [line for line in body("completed.txt").decode().splitlines() if line]
+    completed = [line for line in body(task_queue.COMPLETED).decode().splitlines() if line]
     if len(completed) != len(set(completed)) or set(completed) != expected:
-        problems.append(f"completed.txt has {len(completed)} lines, {len(set(completed) & expected)} of the tasks")
-    if task_queue.parse_tasklist(body("tasklist.txt")).names:
-        problems.append("tasklist.txt is not empty")
-    if body("failed.txt").strip():
-        problems.append("failed.txt is not empty")
+        problems.append(f"{task_queue.COMPLETED} has {len(completed)} lines, {len(set(completed) & expected)} tasks")
+    if task_queue.parse_tasklist(body(task_queue.TASKLIST)).names:
+        problems.append(f"{task_queue.TASKLIST} is not empty")
+    if body(task_queue.FAILED).strip():
+        problems.append(f"{task_queue.FAILED} is not empty")
     for prefix in ("locks/", "compaction.json", "failed/"):
         left = [k for k in keys if k.startswith(prefix)]
         if left:

@@ -100,8 +100,10 @@ def burn_job(jobs: types.ModuleType, bucket: str, image: str, seconds: float):
 
 def queue_objects(names: list[str]) -> dict[str, bytes]:
     """The queue's objects: each task's input, then tasklist.txt naming them all."""
+    from ansible_collections.cicc.cloud.plugins.module_utils.task_queue import TASKLIST
+
     tasklist = "".join(f"{name}\n" for name in names).encode()
-    return {**{name: INPUT for name in names}, "tasklist.txt": tasklist}
+    return {**{name: INPUT for name in names}, TASKLIST: tasklist}
 
 
 def check_results(client, cicc_worker, job, names: list[str]) -> list[tuple[int, float]]:

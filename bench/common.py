@@ -30,12 +30,13 @@ COLLECTIONS = ROOT / ".collections"
 REGION = "us-east-1"
 # The longest a playbook of the local pipeline may take.
 PLAYBOOK_TIMEOUT = 1800
-# The queue's lists (the benchmarks count their traffic apart).
-LIST_FILES = ("tasklist.txt", "completed.txt", "failed.txt", "rejected.txt")
 
 
 def key_class(key: str) -> str:
-    if key in LIST_FILES or key.startswith("folded/"):  # the lists, and what compactions folded for them
+    # Imported here: the benchmarks put the collection on sys.path (link_collection) after importing this file.
+    from ansible_collections.cicc.cloud.plugins.module_utils.task_queue import LIST_NAMES
+
+    if key in LIST_NAMES or key.startswith("folded/"):  # the lists, and what compactions folded for them
         return "list"
     if key == "kernel.dat":
         return "kernel"

@@ -77,14 +77,19 @@ def tagged(aws: dict, project: str, bucket: str) -> dict[str, list[str]]:
     return {kind: ids for kind, ids in found.items() if ids}
 
 
-def ansible(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def ansible(*args: str, env: dict | None = None, aws_from_environment: bool = True) -> subprocess.CompletedProcess:
     """An Ansible command run from the repository, with its virtualenv and ansible.cfg, in this environment (the
-    session emulator's AWS_URL included) and ``env``."""
-    environment = dict(os.environ)
+    session emulator's AWS_URL included, unless ``aws_from_environment`` is false: then the playbooks reach the
+    emulator only through their settings) and ``env``."""
+    environment = {
+        key: value for key, value in os.environ.items() if aws_from_environment or not key.startswith("AWS_")
+    }
     environment.update(
         PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{environment.get('PATH', '')}",
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
         ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_DEPRECATION_WARNINGS="0",
         **(env or {}),
     )
     return subprocess.run(
@@ -92,14 +97,19 @@ def ansible(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def ad_hoc(module: str, args: dict, check: bool = False, env: dict | None = None) -> dict:
-    """``module`` run ad hoc on localhost (with --check when ``check``); its result, which must not have failed."""
+def module_result(module: str, args: dict, check: bool = False, env: dict | None = None) -> dict:
+    """``module`` run ad hoc on localhost (with --check when ``check``); its result (``failed`` true if it failed)."""
     command = ["ansible", "localhost", "-m", module, "-a", json.dumps(args)] + (["--check"] if check else [])
     callback = {"ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}
     done = ansible(*command, env={**(env or {}), **callback})
     try:
-        result = json.loads(done.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+        return json.loads(done.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
     except (ValueError, KeyError, IndexError):
         pytest.fail(f"{' '.join(command)} gave no JSON result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+def ad_hoc(module: str, args: dict, check: bool = False, env: dict | None = None) -> dict:
+    """``module_result`` of a run that must not have failed."""
+    result = module_result(module, args, check, env)
     assert not result.get("failed"), result.get("msg", result)
     return result

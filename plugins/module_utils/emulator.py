@@ -75,6 +75,18 @@ def _tail(log: Path, lines: int = 20) -> str:
         return ""
 
 
+def _wait_until(ready, exit_code, seconds: float, name: str, log: Path) -> None:
+    """Poll ``ready()`` until it is true; EmulatorError with ``log``'s tail once ``exit_code()`` is not None (the
+    server ended) or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        code = exit_code()
+        if code is not None or time.monotonic() > deadline:
+            state = f"exited with {code}" if code is not None else f"gave no answer within {seconds:.0f} s"
+            raise EmulatorError(f"{name} {state}; the end of {log} says:\n{_tail(log)}")
+        time.sleep(0.1)
+
+
 class Process:
     """An emulator run as a child of this process, its output in ``log``; ``stop()`` ends it."""
 
@@ -99,13 +111,7 @@ class Process:
 
     def wait_until(self, ready, seconds: float, name: str = "the emulator") -> None:
         """Poll ``ready()`` until it is true; EmulatorError (with the log's tail) if it exits or takes too long."""
-        deadline = time.monotonic() + seconds
-        while not ready():
-            code = self.proc.poll()
-            if code is not None or time.monotonic() > deadline:
-                state = f"exited with {code}" if code is not None else f"gave no answer within {seconds:.0f} s"
-                raise EmulatorError(f"{name} {state}; the end of {self.log} says:\n{_tail(self.log)}")
-            time.sleep(0.1)
+        _wait_until(ready, self.proc.poll, seconds, name, self.log)
 
     def stop(self, grace: float = 10) -> None:
         if self.proc.poll() is None:
@@ -166,12 +172,12 @@ def start(port: int = DEFAULT_PORT, state_dir: str = DEFAULT_STATE_DIR, python: 
             server.stop()
             pid_file.unlink(missing_ok=True)
             raise
-    else:  # ours, started and not answering yet
-        deadline = time.monotonic() + START_SECONDS
-        while not answers(now["url"]):
-            if time.monotonic() > deadline:
-                raise EmulatorError(f"the moto server (pid {now['pid']}) gives no answer on {now['url']}: see {log}")
-            time.sleep(0.1)
+    else:  # ours, started by an earlier call and not answering yet
+
+        def ended():
+            return None if _our_pid(pid_file) else "an unknown code"
+
+        _wait_until(lambda: answers(now["url"]), ended, START_SECONDS, f"the moto server (pid {now['pid']})", log)
     return {**status(port, state_dir), "started": True}
 
 

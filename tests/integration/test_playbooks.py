@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -33,11 +32,10 @@ from botocore.exceptions import ClientError
 from ansible_collections.cicc.cloud.plugins.module_utils import emulator as local_emulator
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue
 from ansible_collections.cicc.cloud.plugins.module_utils.dataset import build_dataset
-from ansible_collections.cicc.cloud.tests.helpers import list_keys, play_recap, read_body, tagged
+from ansible_collections.cicc.cloud.tests.helpers import ansible, list_keys, play_recap, read_body, tagged
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
-TIMEOUT = 300
 INPUT_SIZE = 1_000
 WORKER_S3_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 
@@ -45,24 +43,9 @@ WORKER_S3_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 # --- running playbooks ------------------------------------------------------------------------------------
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
-    env.update(
-        PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}",
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_DEPRECATION_WARNINGS="0",
-        **extra,
-    )
-    return env
-
-
 def _playbook(name: str, settings: dict, *args: str, **env: str) -> subprocess.CompletedProcess:
     command = ["ansible-playbook", "-i", "inventory/hosts.yml", f"playbooks/{name}", "-e", json.dumps(settings), *args]
-    return subprocess.run(
-        command, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
+    return ansible(*command, env=env, aws_from_environment=False)
 
 
 def _recap(result: subprocess.CompletedProcess) -> dict[str, int]:
@@ -548,9 +531,7 @@ def test_dataset_is_exact_idempotent_and_never_overwritten(own_emulator, project
         ([], "CHANGED", {extra_key}),
         ([], "SUCCESS", {extra_key}),
     ):
-        result = subprocess.run(
-            adhoc + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False
-        )
+        result = ansible(*adhoc, *args, aws_from_environment=False)
         assert result.returncode == 0 and f"| {outcome}" in result.stdout, result.stdout + result.stderr
         assert set(list_keys(s3, bucket)) == left
 

@@ -9,44 +9,19 @@ that conftest.py exports for the test's S3 (AWS_URL is endpoint_url's fallback);
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from ansible_collections.cicc.cloud.plugins.module_utils import task_queue as tq
-from ansible_collections.cicc.cloud.tests.helpers import list_keys, read_body
+from ansible_collections.cicc.cloud.tests.helpers import list_keys, module_result, read_body
 from conftest import xor_job
 
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 120
 NAMES = ["in0.dat", "in1.dat", "in2.dat"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}",
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
-        ANSIBLE_NOCOLOR="1",
-    )
-    return env
 
 
 def run_module(module: str, check: bool = False, **args) -> dict:
     """The result of one module run on localhost (``failed`` is true when the module failed)."""
-    command = ["ansible", "localhost", "-m", f"cicc.cloud.{module}", "-a", json.dumps(args)]
-    if check:
-        command.append("--check")
-    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    try:
-        report = json.loads(done.stdout)
-        return report["plays"][0]["tasks"][0]["hosts"]["localhost"]
-    except (ValueError, KeyError, IndexError):
-        pytest.fail(f"{' '.join(command)} gave no JSON result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return module_result(f"cicc.cloud.{module}", args, check)
 
 
 def ok(module: str, check: bool = False, **args) -> dict:
