@@ -68,6 +68,10 @@ LOG = logging.getLogger("cicc-worker")
 EXIT_DRAINED, EXIT_ERROR, EXIT_UNWORKABLE = 0, 1, 2
 CODE_VERSION = run_trace.code_version(__file__, task_queue.__file__, jobs.__file__, run_trace.__file__)
 IMDS = "http://169.254.169.254/latest"
+# A slot's leases grow to this many times the last task's claim-to-end time (renewed every third: none for a
+# task like it), up to MAX_LEASE_SECONDS; a lease that ran out is taken over after that long.
+LEASE_PER_HELD_SECOND = 4
+MAX_LEASE_SECONDS = 900
 # What the trace says of the machine, besides its instance id (IMDS on AWS, the identity file locally), and when
 # it was launched (its boot, from the uptime on EC2; the instance's launch time locally).
 MACHINE_FACTS = ("instance_type", "availability_zone", "market", "ami_id", "launched_at")
@@ -691,6 +695,7 @@ class Worker:
                 following = Prefetch(self._take, picker, False, delay=ahead)
                 self.work(current)
                 ahead = self._claim_ahead_after(current.attempt)
+                picker.lease_seconds = self._lease_after(current.attempt)
                 patience.reset()
                 if picker.compaction_due:
                     picker.compaction_due = False
@@ -715,6 +720,15 @@ class Worker:
             return 0.0
         run, stage = attempt.ended_at - attempt.started_at, attempt.staged_at - attempt.claimed_at
         return max(0.0, run - 2 * stage - 2.0)
+
+    def _lease_after(self, attempt: run_trace.Attempt) -> int:
+        """The lease of the slot's next claims, from the task just done: long enough that a task like it needs
+        no renewal (from its claim to its end within a third of the lease, with room to spare), never shorter
+        than the setting, at most MAX_LEASE_SECONDS (a lease's lock is padded by its length)."""
+        if not (attempt.claimed_at and attempt.ended_at):
+            return self.settings.lease_seconds
+        held = attempt.ended_at - attempt.claimed_at
+        return max(self.settings.lease_seconds, min(MAX_LEASE_SECONDS, int(LEASE_PER_HELD_SECOND * held) + 1))
 
     @staticmethod
     def _staged_ahead(prefetch: Prefetch | None) -> Claimed | None:
@@ -761,7 +775,7 @@ class Worker:
                     self._held.add(lease.name)
                 LOG.info("claimed %s (attempt %d)", lease.name, lease.attempts)
                 attempt.task, attempt.attempt, attempt.claimed_at = lease.name, lease.attempts, time.time()
-                task_dir = self._task_dir(lease.name)
+                task_dir = self._task_dir(lease)
                 heartbeat = Heartbeat(self.client, self.queue, lease, functools.partial(self.requests.charge, attempt))
                 heartbeat.start()
                 try:
@@ -973,10 +987,12 @@ class Worker:
         LOG.error("attempt %d at %s failed (task now %s): %s", lease.attempts, lease.name, state, error)
         return run_trace.FAILED if state == "failed" else run_trace.RETRIED
 
-    def _task_dir(self, name: str) -> Path:
-        task_dir = (self.workdir / "tasks" / task_queue.check_name(name)).resolve()
+    def _task_dir(self, lease: task_queue.Lease) -> Path:
+        """A directory of this claim's own: after an outage the worker may take over its own expired lease on a
+        task it still holds, and the two claims' files must not meet."""
+        task_dir = (self.workdir / "tasks" / f"{task_queue.check_name(lease.name)}.{lease.token[:12]}").resolve()
         if task_dir.parent != self.workdir / "tasks":  # belt and braces: names never leave the work area
-            raise task_queue.BadTaskName(f"task name {name!r} would leave the work area")
+            raise task_queue.BadTaskName(f"task name {lease.name!r} would leave the work area")
         shutil.rmtree(task_dir, ignore_errors=True)
         (task_dir / "input").mkdir(parents=True)
         (task_dir / "output").mkdir()

@@ -427,9 +427,16 @@ def read_tasklist(client, queue: Queue) -> TaskList:
 
 
 def claim(
-    client, queue: Queue, name: str, owner: str, instance_id: str = "", take_over: bool = True, token: str = ""
+    client,
+    queue: Queue,
+    name: str,
+    owner: str,
+    instance_id: str = "",
+    take_over: bool = True,
+    token: str = "",
+    lease_seconds: int | None = None,
 ) -> Lease:
-    """Claim ``name`` for ``owner``.
+    """Claim ``name`` for ``owner``, for ``lease_seconds`` (the queue's lease when None).
 
     Raises ClaimConflict while another owner's lease is live (or whenever the lock exists, with
     take_over=False: one request per busy task for a worker scanning for free ones), and
@@ -437,7 +444,7 @@ def claim(
     reply was lost finds that claim again instead of failing against one's own lock.
     """
     check_name(name)
-    lease = Lease(name, owner, token or uuid.uuid4().hex, "", 1, instance_id, queue.lease_seconds)
+    lease = Lease(name, owner, token or uuid.uuid4().hex, "", 1, instance_id, lease_seconds or queue.lease_seconds)
     for _attempt in range(3):
         try:
             lease.etag = _put(client, queue.bucket, queue.lock_key(name), lease.body(), IfNoneMatch="*")
@@ -583,13 +590,24 @@ def describe_outputs(client, queue: Queue, keys: list[str]) -> list[dict]:
 
 def renew(client, queue: Queue, lease: Lease) -> Lease:
     """Extend the lease (the heartbeat). Raises LeaseLost if anyone else wrote the lock since."""
+    key = queue.lock_key(lease.name)
     with lease.guard:
         try:
-            lease.etag = _put(client, queue.bucket, queue.lock_key(lease.name), lease.body(), IfMatch=lease.etag)
+            lease.etag = _put(client, queue.bucket, key, lease.body(), IfMatch=lease.etag)
         except Exception as error:  # noqa: BLE001
-            if _is(error, _PRECONDITION + _MISSING):
-                raise LeaseLost(f"lease on {lease.name} lost: another worker took it over") from error
-            raise
+            if not _is(error, _PRECONDITION + _MISSING):
+                raise
+            # A renewal whose reply was lost (a dropped connection) changed the ETag: the lock is still ours,
+            # unless this claim gave it back since (a lease given back is not renewed, only given back again).
+            held = read_lock(client, queue, lease.name) if _is(error, _PRECONDITION) else None
+            lost = LeaseLost(f"lease on {lease.name} lost: another worker took it over")
+            given_back = held is not None and held[0].get("lease_seconds", 0) == 0 < lease.lease_seconds
+            if not held or held[0].get("token") != lease.token or given_back:
+                raise lost from error
+            try:
+                lease.etag = _put(client, queue.bucket, key, lease.body(), IfMatch=held[1])
+            except Exception as again:  # noqa: BLE001
+                raise (lost if _is(again, _PRECONDITION + _MISSING) else again) from again
         lease.renewed_at = time.monotonic()
     return lease
 
@@ -1189,6 +1207,7 @@ class TaskPicker:
     ) -> None:
         self.client, self.queue, self.owner, self.instance_id = client, queue, owner, instance_id
         self.poll_seconds, self.compact_every = poll_seconds, compact_every
+        self.lease_seconds: int | None = None  # of the next claims; None: the queue's
         self.finished: set[str] = set()
         self.rejected: list[tuple[str, str]] = []
         self.compaction_due = False
@@ -1310,7 +1329,9 @@ class TaskPicker:
     def _try(self, name: str, take_over: bool) -> Lease | None:
         token = self._tokens.setdefault(name, uuid.uuid4().hex)
         try:
-            lease = claim(self.client, self.queue, name, self.owner, self.instance_id, take_over, token)
+            lease = claim(
+                self.client, self.queue, name, self.owner, self.instance_id, take_over, token, self.lease_seconds
+            )
         except ClaimConflict:
             self._busy.append(name)
         except TaskFinished:

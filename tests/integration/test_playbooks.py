@@ -681,6 +681,8 @@ def test_worker_policy_allows_the_workers_job_and_nothing_else(enforcing_emulato
         "cicc_bucket": bucket,
         "cicc_prefix": prefix,
         "cicc_dataset_input_size": INPUT_SIZE,
+        # This test's emulator, so the playbooks find it answering and start none of their own.
+        "cicc_emulator_port": urlparse(endpoint).port,
         # The administrator's keys instead of the emulator's usual ones: the playbooks run under enforcement.
         "cicc_aws_defaults": {
             "region": REGION,

@@ -191,6 +191,28 @@ def test_row8_reply_lost_after_claim_finds_own_lock(s3, queue):
         tq.claim(s3, queue, "in1.dat", "w1")  # a different claim of the same owner is someone else
 
 
+def test_a_renewal_whose_reply_was_lost_keeps_the_lease(s3, queue):
+    """A renewal that S3 made but whose reply never came (a dropped connection) left the lease with an ETag
+    its holder does not know: the next renewal finds the lock still its own and goes on; a lock another
+    claim wrote, or a given-back one, is lost."""
+    _seed(s3, queue, ["in1.dat", "in2.dat"])
+    held = tq.claim(s3, queue, "in1.dat", "w1")
+    known = held.etag
+    tq.renew(s3, queue, held)  # "lost": the holder still knows the ETag before it
+    held.etag = known
+    tq.renew(s3, queue, held)
+    assert held.etag == s3.head_object(Bucket=queue.bucket, Key=queue.lock_key("in1.dat"))["ETag"]
+    other = tq.claim(s3, queue, "in2.dat", "w1")
+    stale = dataclasses.replace(other, token="someone-else", guard=threading.Lock())
+    tq.renew(s3, queue, other)
+    with pytest.raises(tq.LeaseLost):
+        tq.renew(s3, queue, stale)  # its ETag is out of date and the lock names another claim
+    heartbeat = dataclasses.replace(held, guard=threading.Lock())
+    assert tq.release(s3, queue, held, "exit code 1") == "pending"
+    with pytest.raises(tq.LeaseLost):
+        tq.renew(s3, queue, heartbeat)  # a renewal late after the give-back does not take the task back
+
+
 def test_release_counts_attempts_until_failed_record(s3, queue):
     _seed(s3, queue, ["in1.dat", "in2.dat"])
     lease = tq.claim(s3, queue, "in1.dat", "w1")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 
 import pytest
+
+from ansible_collections.cicc.cloud.plugins.module_utils import run_trace
 
 
 @pytest.fixture
@@ -73,3 +76,18 @@ def test_settings_file_rejects_unknown_keys(worker_module, tmp_path) -> None:
         worker_module.Settings.load(str(path), {})
     path.write_text(json.dumps({"region": "eu-west-1", "max_tasks": 1}))
     assert worker_module.Settings.load(str(path), {}).max_tasks == 1
+
+
+@pytest.mark.parametrize(
+    ("held", "lease"),
+    [
+        (None, 120),  # nothing held yet: the setting
+        (1.0, 120),  # short tasks: never below the setting
+        (60.0, 241),  # four times the claim-to-end time, so a task like it needs no renewal
+        (3600.0, 900),  # at most 15 minutes: a worker that dies does not hold its next task longer
+    ],
+)
+def test_a_slots_lease_grows_with_its_tasks(worker_module, settings, held, lease) -> None:
+    attempt = run_trace.Attempt("in1.dat", 1, "w1", claimed_at=1000.0, ended_at=1000.0 + held if held else 0.0)
+    worker = types.SimpleNamespace(settings=settings)
+    assert worker_module.Worker._lease_after(worker, attempt) == lease
